@@ -1,0 +1,39 @@
+# Tandem DR -- the tandem.dr Ansible collection, its services and its lab.
+#
+#   make test    everything CI runs: lint, sanity, unit, lab and molecule tests
+#   make demo    bring the lab up and run the demo
+#
+# Run as root on Debian 12 (the lab uses LXC, bridges and nft). `make help` lists the rest.
+
+.DEFAULT_GOAL := help
+
+include mk/toolchain.mk
+include mk/lab.mk
+
+.PHONY: help test test-lab molecule demo demo-down clean
+
+help:
+	@echo "make test        lint, ansible-test sanity, then unit + lab + molecule tests (pytest)"
+	@echo "make test-unit   unit tests only (no root, no lab)"
+	@echo "make test-lab    lab tests only (brings the lab up itself)"
+	@echo "make lint        ruff and ansible-lint --offline"
+	@echo "make sanity      ansible-test sanity (offline)"
+	@echo "make demo        bring the lab up and run the demo playbook"
+	@echo "make lab-up / lab-down / lab-status / lab-up-xfs / lab-clean-cache"
+
+# The last step is one pytest run over unit and lab tests, so `make test` ends
+# with pytest's summary line and fails if anything failed.
+test: lint sanity lab-deps collections
+	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
+	    '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/unit tests/lab
+
+test-lab: lab-deps collections
+	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
+	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab
+
+demo: lab-up collections
+	PATH='$(abspath $(VENV_BIN))':"$$PATH" ansible-playbook -i inventories/lab/hosts.yml playbooks/demo.yml
+
+demo-down: lab-down
+
+clean: toolchain-clean

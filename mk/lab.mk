@@ -1,0 +1,43 @@
+# mk/lab.mk -- the LXC lab (two sites and a witness on this machine). See docs/lab.md.
+#
+# Targets: lab-deps lab-up lab-up-xfs lab-down lab-status lab-clean-cache
+
+ifndef TANDEM_LAB_MK
+TANDEM_LAB_MK := 1
+
+LABCTL := ./lab/labctl
+# What the lab machine itself needs (the lab hosts get everything from the image).
+LAB_HOST_PACKAGES := lxc debootstrap nftables iproute2 openssh-client xfsprogs curl
+LAB_CACHE ?= /var/cache/tandem-lab
+
+.PHONY: lab-deps lab-up lab-up-xfs lab-down lab-status lab-clean-cache
+
+lab-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "the lab needs root" >&2; exit 1; fi
+	@missing=""; for p in $(LAB_HOST_PACKAGES); do \
+	    dpkg-query -W -f '$${Status}' "$$p" 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "lab: installing$$missing"; \
+	    apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 $$missing >/dev/null; \
+	fi
+
+lab-up: lab-deps
+	$(LABCTL) up
+
+# Hypervisor data on XFS with reflink (a loop device), for reflink recovery points.
+lab-up-xfs: lab-deps
+	$(LABCTL) up --data-fs xfs
+
+lab-down: lab-deps
+	$(LABCTL) down
+
+lab-status:
+	@$(LABCTL) status
+
+# The cached rootfs and package downloads (about 1.2 GB); `lab-down` keeps them.
+lab-clean-cache:
+	rm -rf --one-file-system $(LAB_CACHE)
+
+endif # TANDEM_LAB_MK
