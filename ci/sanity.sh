@@ -40,9 +40,11 @@ exclude=${SANITY_EXCLUDE-lab/ tests/lab/}
 git ls-files -z --cached --others --exclude-standard | LC_ALL=C sort -zu |
     while IFS= read -r -d '' f; do
         for x in $exclude; do [[ $f == "$x"* ]] && continue 2; done
+        [[ -e $f || -L $f ]] || continue    # tracked but deleted in the work tree
         printf '%s\0' "$f"
     done > "$tmp/want"
-rsync -a --from0 --files-from="$tmp/want" --ignore-missing-args ./ "$dest/"
+# tar, not rsync: rsync is not on a fresh Debian machine.
+tar -C . --null --no-recursion -T "$tmp/want" -cf - | tar -C "$dest" -xf -
 (cd "$dest" && find . \( -path ./.git -o -path ./tests/output \) -prune -o \
     \( -type f -o -type l \) -printf '%P\0' | LC_ALL=C sort -z) > "$tmp/have"
 (cd "$dest" && LC_ALL=C comm -z -23 "$tmp/have" "$tmp/want" | xargs -0 -r rm -f --)

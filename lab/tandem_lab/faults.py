@@ -61,8 +61,8 @@ def _comments() -> set[str]:
 
 def partition(topo: Topology, a: str, b: str) -> bool:
     """Drop every packet between the hosts of two sites (routed and bridged)."""
-    _require_table()
     a, b = _pair(topo, a, b)
+    _require_table()
     tag = f"partition {a} {b}"
     if tag in _comments():
         return False
@@ -75,10 +75,10 @@ def partition(topo: Topology, a: str, b: str) -> bool:
 
 def loss(topo: Topology, a: str, b: str, percent: int) -> None:
     """Drop `percent`% of packets between two sites, at random (nft numgen)."""
-    _require_table()
     if not 0 < percent < 100:
         raise ValueError("loss must be a percentage between 1 and 99 (use partition for 100)")
     a, b = _pair(topo, a, b)
+    _require_table()
     prefix = f"loss {a} {b} "
     _delete_rules(lambda c: c.startswith(prefix))
     marks = render.site_marks(topo)
@@ -90,8 +90,8 @@ def loss(topo: Topology, a: str, b: str, percent: int) -> None:
 
 def isolate(topo: Topology, host: str) -> bool:
     """Cut one host off from everything, the lab machine included."""
-    _require_table()
     h = topo.host(host)
+    _require_table()
     tag = f"isolate {h.name}"
     if tag in _comments():
         return False
@@ -111,8 +111,8 @@ def ratelimit(topo: Topology, a: str, b: str, rate: str) -> None:
     """
     if not _RATE_RE.match(rate):
         raise ValueError(f"rate {rate!r}: use a tc rate such as 512kbit, 10mbit or 1gbit")
-    _require_table()
     a, b = _pair(topo, a, b)
+    _require_table()
     marks = render.site_marks(topo)
     for src, dst in ((a, b), (b, a)):
         for port in _ports_of(topo, dst):
