@@ -23,7 +23,7 @@ help:
 
 # The last step is one pytest run over unit and lab tests, so `make test` ends
 # with pytest's summary line and fails if anything failed.
-test: lint sanity lab-deps collections
+test: lint sanity lab-up collections
 	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
 	    '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/unit tests/lab
 

@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 from . import render
@@ -61,6 +62,9 @@ class Containers:
             self.destroy(host.name)
         delta = cdir / "delta"
         _write(delta / "etc" / "hostname", host.name + "\n")
+        # systemd would derive the same machine-id for every container from the
+        # machine's DMI uuid; journald, D-Bus and DHCP want one per host.
+        _write(delta / "etc" / "machine-id", uuid.uuid4().hex + "\n", mode=0o444)
         _write(delta / "etc" / "hosts", render.etc_hosts(topo, host))
         _write(delta / "root" / ".ssh" / "authorized_keys", authorized_key, mode=0o600)
         os.chmod(delta / "root" / ".ssh", 0o700)
@@ -75,12 +79,19 @@ class Containers:
         return True
 
     def start(self, name: str) -> None:
+        state = self.state(name)
+        if state == "FROZEN":
+            self.thaw(name)
+        elif state != "RUNNING":
+            self._lxc("start", name)
+
+    def freeze(self, name: str) -> None:
         if self.state(name) == "RUNNING":
-            return
+            self._lxc("freeze", name)
+
+    def thaw(self, name: str) -> None:
         if self.state(name) == "FROZEN":
             self._lxc("unfreeze", name)
-            return
-        self._lxc("start", name)
 
     def wait_booted(self, names: list[str], timeout: float = 180) -> dict[str, float]:
         """Wait until systemd in each container reports `running`.
@@ -131,8 +142,7 @@ class Containers:
     def kill(self, name: str) -> None:
         """Stop at once, like pulling the power (used for crashes and `down`)."""
         state = self.state(name)
-        if state == "FROZEN":
-            self._lxc("unfreeze", name)
+        self.thaw(name)
         if state not in ("STOPPED", "ABSENT"):
             self._lxc("stop", name, "-k", timeout=60)
 

@@ -226,19 +226,13 @@ def restart(topo: Topology, paths: Paths, host: str) -> float:
 
 def freeze(topo: Topology, paths: Paths, host: str) -> None:
     """Hang a host: every process stops, the kernel still answers ping."""
-    h = topo.host(host)
-    lxc = Containers(paths)
-    if lxc.state(h.name) == "RUNNING":
-        run(["lxc-freeze", "-P", str(paths.lxcpath), "-n", h.name])
-    step(f"{h.name} frozen")
+    Containers(paths).freeze(topo.host(host).name)
+    step(f"{host} frozen")
 
 
 def thaw(topo: Topology, paths: Paths, host: str) -> None:
-    h = topo.host(host)
-    lxc = Containers(paths)
-    if lxc.state(h.name) == "FROZEN":
-        run(["lxc-unfreeze", "-P", str(paths.lxcpath), "-n", h.name])
-    step(f"{h.name} thawed")
+    Containers(paths).thaw(topo.host(host).name)
+    step(f"{host} thawed")
 
 
 # -- what is in force ------------------------------------------------------------

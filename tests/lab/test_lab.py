@@ -48,10 +48,13 @@ def test_inventory_groups(lab):
         assert sorted(re.findall(r'"([^"]+)"', listed.group(1))) == sorted(members)
 
 
-def test_each_host_has_its_own_ssh_host_key(lab):
+def test_each_host_has_its_own_identity(lab):
     keys = {h: lab.attach(h, "cat", "/etc/ssh/ssh_host_ed25519_key.pub").stdout.split()[1]
             for h in HOSTS}
     assert len(set(keys.values())) == len(HOSTS)
+    machine_ids = {h: lab.attach(h, "cat", "/etc/machine-id").stdout.strip() for h in HOSTS}
+    assert all(len(m) == 32 for m in machine_ids.values()), machine_ids
+    assert len(set(machine_ids.values())) == len(HOSTS)
 
 
 def test_no_dns_and_no_route_out(lab):
