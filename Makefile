@@ -10,12 +10,17 @@
 include mk/toolchain.mk
 include mk/lab.mk
 
-.PHONY: help test test-lab molecule demo demo-down clean
+.PHONY: help test test-lab test-engine engine-deps soak molecule demo demo-down clean
+
+# Real NBD clients and servers the engine tests and benchmarks use.
+ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio
 
 help:
 	@echo "make test        lint, ansible-test sanity, then unit + lab + molecule tests (pytest)"
 	@echo "make test-unit   unit tests only (no root, no lab)"
 	@echo "make test-lab    lab tests only (brings the lab up itself)"
+	@echo "make test-engine engine tests: two real tandemd on loopback, kill -9 test"
+	@echo "make soak        the kill test with 500 iterations (TANDEM_KILL_ITERATIONS)"
 	@echo "make lint        ruff and ansible-lint --offline"
 	@echo "make sanity      ansible-test sanity (offline)"
 	@echo "make demo        bring the lab up and run the demo playbook"
@@ -23,9 +28,26 @@ help:
 
 # The last step is one pytest run over unit and lab tests, so `make test` ends
 # with pytest's summary line and fails if anything failed.
-test: lint sanity lab-up collections
+test: lint sanity engine-deps lab-up collections
 	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
-	    '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/unit tests/lab
+	    '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/unit tests/engine tests/lab
+
+test-engine: engine-deps $(VENV_STAMP)
+	'$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/engine
+
+soak: engine-deps $(VENV_STAMP)
+	TANDEM_KILL_ITERATIONS=$${TANDEM_KILL_ITERATIONS:-500} '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/engine/test_kill.py
+
+engine-deps:
+	@missing=""; for p in $(ENGINE_TEST_PACKAGES); do \
+	    dpkg-query -W -f '$${Status}' "$$p" 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "engine tests: installing$$missing"; \
+	    apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        -o DPkg::Lock::Timeout=600 $$missing >/dev/null; \
+	fi
 
 test-lab: lab-deps collections
 	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \

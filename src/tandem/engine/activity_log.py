@@ -90,6 +90,23 @@ class ActivityLog:
         for e in missing:
             self._active[e] = 0
 
+    async def settle(self) -> bool:
+        """Drop idle extents after a flush made every completed write durable.
+
+        Only the extents of writes still in flight stay active, so a crash
+        after this replays (and later resyncs) only what was really at risk.
+        Returns True if a transaction was written.
+        """
+        async with self._lock:
+            idle = [e for e, refs in self._active.items() if refs == 0]
+            if not idle:
+                return False
+            for e in idle:
+                del self._active[e]
+            await self._run_io(self.md.write_al, list(self._active))
+            self.transactions += 1
+            return True
+
     async def clean_shutdown(self) -> None:
         """Persist the bitmap and empty the AL: the next start needs no AL replay."""
         async with self._lock:

@@ -1,0 +1,125 @@
+"""tandemctl: the admin CLI of tandemd (JSON with --json, a readable view without).
+
+Exit codes: 0 ok, 1 the engine refused (the reason is printed), 2 usage or
+connection problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+DEFAULT_SOCKET = os.path.join(os.environ.get("TANDEM_RUN_DIR", "/run/tandem"), "tandemd.sock")
+
+
+def request(path: str, req: dict, timeout: float = 300) -> dict:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return json.loads(buf)
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def print_status(resources: list[dict]) -> None:
+    for r in resources:
+        print(f"{r['name']} role:{r['role']} connection:{r['connection']} "
+              f"peer:{r['peer']} peer-role:{r['peer_role']} protocol:{r['protocol']}")
+        for v in r["volumes"]:
+            line = (f"  volume:{v['volume']} disk:{v['disk']} peer-disk:{v['peer_disk']} "
+                    f"replication:{v['replication']}")
+            if "sync_percent" in v:
+                eta = v.get("sync_eta_seconds")
+                line += f" done:{v['sync_percent']}%" + (f" eta:{eta}s" if eta is not None else "")
+            line += (f" out-of-sync:{_human_size(v['out_of_sync_bytes'])}"
+                     f" in-flight:{_human_size(v['in_flight_bytes'])}"
+                     f" latency:{v['write_latency_us']}us gi:{v['generation']['current']}")
+            print(line)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tandemctl", description="Administer tandemd")
+    p.add_argument("--socket", default=DEFAULT_SOCKET, help="tandemd's control socket")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="state of one or all resources")
+    st.add_argument("resource", nargs="?")
+    st.add_argument("--json", action="store_true")
+    pr = sub.add_parser("primary", help="promote a resource")
+    pr.add_argument("resource")
+    pr.add_argument("--force", action="store_true",
+                    help="promote even without the peer (disaster failover) or with Inconsistent data")
+    se = sub.add_parser("secondary", help="demote a resource")
+    se.add_argument("resource")
+    ad = sub.add_parser("adjust", help="make the running resources match the resource files")
+    ad.add_argument("resource", nargs="?")
+    ad.add_argument("--dry-run", action="store_true", help="print the planned actions only")
+    sub.add_parser("events", help="stream state changes as JSON lines")
+    for sp in (pr, se, ad):
+        sp.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+
+    req = {"cmd": args.cmd}
+    if getattr(args, "resource", None):
+        req["resource"] = args.resource
+    if getattr(args, "force", False):
+        req["force"] = True
+    if getattr(args, "dry_run", False):
+        req["dry_run"] = True
+    try:
+        if args.cmd == "events":
+            return _events(args.socket)
+        reply = request(args.socket, req)
+    except (OSError, ValueError) as e:
+        print(f"tandemctl: cannot talk to tandemd at {args.socket}: {e}", file=sys.stderr)
+        return 2
+    if not reply.get("ok"):
+        if getattr(args, "json", False):
+            print(json.dumps(reply))
+        print(f"tandemctl {args.cmd}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(json.dumps(reply, indent=2))
+    elif args.cmd == "status":
+        print_status(reply["resources"])
+    elif args.cmd == "adjust":
+        for action in reply["actions"]:
+            print(f"{'would ' if reply['dry_run'] else ''}{action['kind']} {action['resource']}")
+        if not reply["actions"]:
+            print("nothing to do")
+    else:
+        print_status([reply["resource"]])
+    return 0
+
+
+def _events(path: str) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(b'{"cmd": "events"}\n')
+        f = s.makefile("r")
+        try:
+            for line in f:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""tandemd: runs every configured resource of this node.
+
+- reads /etc/tandem/resources.d/*.toml (see docs/engine-config.md);
+- serves each resource's volumes over NBD on a unix socket (optionally TCP),
+  read-write only while the resource is Primary;
+- answers `tandemctl` on a unix control socket with one JSON object per line.
+
+Control requests: {"cmd": "status" | "primary" | "secondary" | "adjust" |
+"events", "resource": ..., "force": bool, "dry_run": bool}. Every reply has
+"ok"; a refusal carries "error" with the engine's reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import sys
+
+from . import config as config_mod
+from .nbd import NBDServer
+from .resource import Resource, RoleError
+
+log = logging.getLogger("tandem.engine.daemon")
+
+DEFAULT_CONFIG_DIR = "/etc/tandem/resources.d"
+DEFAULT_STATE_DIR = "/var/lib/tandem"
+DEFAULT_RUN_DIR = "/run/tandem"
+
+
+class VolumeExport:
+    """One volume of a resource, as the NBD server sees it."""
+
+    def __init__(self, resource: Resource, number: int, name: str):
+        self.resource, self.number, self.name = resource, number, name
+        self.size = resource.vols[number].vol.size
+        self.block_size = 4096
+
+    @property
+    def read_only(self) -> bool:
+        return self.resource.role != "Primary"
+
+    async def read(self, offset, length):
+        return await self.resource.read(self.number, offset, length)
+
+    async def write(self, offset, data, fua):
+        if self.read_only:
+            raise OSError(errno.EPERM, "not Primary")
+        await self.resource.write(self.number, offset, data, fua)
+
+    async def flush(self):
+        await self.resource.flush(self.number)
+
+    async def trim(self, offset, length, fua):
+        # Advisory in NBD: keeping the old data is always allowed.
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset, length, fua, may_trim):
+        chunk = 1 << 20
+        zero = bytes(min(chunk, length))
+        end = offset + length
+        while offset < end:
+            n = min(chunk, end - offset)
+            await self.write(offset, zero[:n], fua and offset + n >= end)
+            offset += n
+
+
+class Daemon:
+    def __init__(self, config_dir: str, state_dir: str, run_dir: str):
+        self.config_dir, self.state_dir, self.run_dir = config_dir, state_dir, run_dir
+        self.resources: dict[str, Resource] = {}
+        self.nbd: dict[str, list] = {}         # resource -> [NBDServer, ...]
+        self.subscribers: set[asyncio.Queue] = set()
+        self._control = None
+        self._stopped = asyncio.Event()
+
+    @property
+    def control_path(self) -> str:
+        return os.path.join(self.run_dir, "tandemd.sock")
+
+    def nbd_socket(self, cfg) -> str:
+        return cfg.nbd.socket or os.path.join(self.run_dir, f"{cfg.name}.nbd")
+
+    def emit(self, event: dict) -> None:
+        for q in list(self.subscribers):
+            if q.full():
+                self.subscribers.discard(q)      # a stuck reader must not hold the engine
+            else:
+                q.put_nowait(event)
+
+    async def start(self) -> None:
+        os.makedirs(self.run_dir, mode=0o755, exist_ok=True)
+        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        desired = config_mod.load_directory(self.config_dir)
+        for cfg in desired.values():
+            await self._add(cfg)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        self._control = await asyncio.start_unix_server(self._on_control, self.control_path)
+        os.chmod(self.control_path, 0o600)
+        log.info("tandemd started resources=%s control=%s", ",".join(self.resources) or "-",
+                 self.control_path)
+
+    async def stop(self) -> None:
+        if self._control:
+            self._control.close()
+        for name in list(self.resources):
+            await self._remove(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def _add(self, cfg) -> None:
+        res = Resource(cfg, state_dir=self.state_dir, emit=self.emit)
+        await res.start()
+        exports = {v.export: VolumeExport(res, v.number, v.export) for v in cfg.volumes}
+        # The default export "" is the first volume, so `nbd+unix:///?socket=` works.
+        exports.setdefault("", exports[cfg.volumes[0].export])
+
+        def lookup(name: str):
+            export = exports.get(name)
+            return export if export is not None and res.role == "Primary" else None
+
+        server = NBDServer(lookup, list_exports=lambda: [v.export for v in cfg.volumes]
+                           if res.role == "Primary" else [])
+        path = self.nbd_socket(cfg)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        await server.start_unix(path, mode=0o660)
+        if cfg.nbd.tcp is not None:
+            await server.start_tcp(cfg.nbd.tcp.host, cfg.nbd.tcp.port)
+        self.resources[cfg.name] = res
+        self.nbd[cfg.name] = [server, path]
+
+    async def _remove(self, name: str) -> None:
+        server, path = self.nbd.pop(name)
+        await server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        await self.resources.pop(name).stop()
+
+    # -- control socket ------------------------------------------------------
+
+    async def _on_control(self, reader, writer) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                req = json.loads(line)
+                if not isinstance(req, dict):
+                    raise ValueError("not an object")
+            except ValueError:
+                await _reply(writer, {"ok": False, "error": "bad request: expected one JSON object"})
+                return
+            if req.get("cmd") == "events":
+                await self._stream_events(writer)
+                return
+            try:
+                reply = await self._handle(req)
+            except (RoleError, config_mod.ConfigError, KeyError, ValueError) as e:
+                reply = {"ok": False, "error": str(e).strip("'\"")}
+            await _reply(writer, reply)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def _handle(self, req: dict) -> dict:
+        cmd = req.get("cmd")
+        name = req.get("resource")
+        if cmd == "status":
+            names = [name] if name else sorted(self.resources)
+            return {"ok": True, "resources": [self._res(n).status() for n in names]}
+        if cmd == "primary":
+            await self._res(name).promote(force=bool(req.get("force")))
+            return {"ok": True, "resource": self._res(name).status()}
+        if cmd == "secondary":
+            await self._res(name).demote()
+            return {"ok": True, "resource": self._res(name).status()}
+        if cmd == "adjust":
+            return await self._adjust(name, bool(req.get("dry_run")))
+        raise ValueError(f"unknown command {cmd!r}")
+
+    def _res(self, name) -> Resource:
+        if name not in self.resources:
+            raise KeyError(f"no resource {name!r} on this node")
+        return self.resources[name]
+
+    async def _adjust(self, only: str | None, dry_run: bool) -> dict:
+        desired = config_mod.load_directory(self.config_dir)
+        running = {n: r.cfg for n, r in self.resources.items()}
+        if only:
+            desired = {k: v for k, v in desired.items() if k == only}
+            running = {k: v for k, v in running.items() if k == only}
+        actions = config_mod.diff(running, desired)
+        plan = [{"kind": a.kind, "resource": a.resource, "detail": dict(a.detail)} for a in actions]
+        if dry_run or not actions:
+            return {"ok": True, "changed": bool(actions), "actions": plan, "dry_run": dry_run}
+        for name in sorted({a.resource for a in actions}):
+            kinds = {a.kind for a in actions if a.resource == name}
+            if "remove-resource" in kinds:
+                if self.resources[name].role == "Primary":
+                    raise RoleError(f"{name}: demote it before removing it")
+                await self._remove(name)
+            elif "add-resource" in kinds:
+                await self._add(desired[name])
+            elif kinds == {"change-tunables"} and not any(
+                    a.needs_down for a in actions if a.resource == name):
+                self.resources[name].cfg = desired[name]    # read at use: effective at once
+            else:
+                # Any other change (0.1): restart the resource with the new file.
+                # A Primary keeps its role only through a demote by the operator.
+                if self.resources[name].role == "Primary":
+                    raise RoleError(f"{name}: is Primary; demote it to apply {', '.join(sorted(kinds))}")
+                await self._remove(name)
+                await self._add(desired[name])
+        return {"ok": True, "changed": True, "actions": plan, "dry_run": False}
+
+    async def _stream_events(self, writer) -> None:
+        q: asyncio.Queue = asyncio.Queue(maxsize=10000)
+        self.subscribers.add(q)
+        try:
+            for res in self.resources.values():
+                await _reply(writer, {"ts": None, "resource": res.name, "event": "exists",
+                                      **{k: v for k, v in res.status().items() if k != "stats"}})
+            while True:
+                await _reply(writer, await q.get())
+        finally:
+            self.subscribers.discard(q)
+
+
+async def _reply(writer, obj: dict) -> None:
+    writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
+    await writer.drain()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="tandemd", description="Tandem DR replication engine")
+    p.add_argument("--config-dir", default=os.environ.get("TANDEM_CONFIG_DIR", DEFAULT_CONFIG_DIR))
+    p.add_argument("--state-dir", default=os.environ.get("TANDEM_STATE_DIR", DEFAULT_STATE_DIR))
+    p.add_argument("--run-dir", default=os.environ.get("TANDEM_RUN_DIR", DEFAULT_RUN_DIR))
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    daemon = Daemon(args.config_dir, args.state_dir, args.run_dir)
+
+    async def run() -> int:
+        try:
+            await daemon.start()
+        except config_mod.ConfigError as e:
+            log.error("configuration error:\n%s", e)
+            return 2
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(daemon.stop()))
+        await daemon.wait()
+        log.info("tandemd stopped")
+        return 0
+
+    return asyncio.run(run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

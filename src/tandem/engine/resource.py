@@ -1,0 +1,746 @@
+"""A resource: one VM's volumes on this node, and the link to the peer node.
+
+State follows DRBD's model (role, connection, disk, replication; see
+drbd-semantics.md §1). The write path on a Primary, per application write:
+
+  1. hold the range (resync must not interleave) and the AL extent;
+  2. if the peer is replicating, queue DATA to it; otherwise make sure the
+     data generation has moved on (new current GI, persisted) and set the
+     bits for the range;
+  3. write locally (with fdatasync when FUA) while the peer does the same;
+  4. complete to the client when the local write is done and, in protocol
+     C, the peer acknowledged; in protocol A when the data is queued;
+  5. settle: release the AL extent when the peer acknowledged, or when the
+     block was recorded in the bitmap because the link went away.
+
+The secondary applies DATA strictly in arrival order, so it never holds a
+later write without every earlier one (write-order fidelity by construction;
+see docs/engine.md for why this replaces DRBD's epochs for now).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from . import handshake, wire
+from .metadata import (
+    CONSISTENT,
+    CRASHED_PRIMARY,
+    GI_JUST_CREATED,
+    HISTORY,
+    PRIMARY,
+    WAS_UP_TO_DATE,
+)
+from .rangelock import RangeLock
+from .volume import Volume
+from .wire import T
+
+log = logging.getLogger("tandem.engine.resource")
+
+# Connection states (DRBD names).
+STANDALONE, CONNECTING, CONNECTED = "StandAlone", "Connecting", "Connected"
+# Disk states.
+INCONSISTENT, OUTDATED, CONSISTENT_S, UPTODATE, DUNKNOWN = (
+    "Inconsistent", "Outdated", "Consistent", "UpToDate", "DUnknown")
+# Replication states.
+OFF, ESTABLISHED, SYNC_SOURCE, SYNC_TARGET = "Off", "Established", "SyncSource", "SyncTarget"
+
+RESYNC_BLOCK = 1 << 20          # bytes per resync request
+RESYNC_WINDOW = 8               # resync blocks in flight
+
+
+class RoleError(Exception):
+    """A role change the engine refuses; the message says why (shown to operators)."""
+
+
+class PeerGone(Exception):
+    """The write could not be replicated: the link went away."""
+
+
+@dataclass
+class VolumeState:
+    vol: Volume
+    disk: str = INCONSISTENT
+    peer_disk: str = DUNKNOWN
+    repl: str = OFF
+    sync_total: int = 0          # bits to sync when the sync started
+    sync_started: float = 0.0
+    rs_inflight: set = field(default_factory=set)
+    latency_ewma_us: float = 0.0
+
+
+class Resource:
+    def __init__(self, cfg, *, state_dir: str, emit=None):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.state_dir = state_dir
+        self.role = "Secondary"
+        self.conn = STANDALONE
+        self.peer_role = "Unknown"
+        self.vols: list[VolumeState] = []
+        self.locks: list[RangeLock] = []
+        self._emit = emit or (lambda event: None)
+        self._writer: asyncio.StreamWriter | None = None
+        self._session_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._server: asyncio.Server | None = None
+        self._seq = 0
+        self._pending: dict[int, tuple[asyncio.Future, int, int, int]] = {}  # seq -> fut, vol, off, len
+        self._flushes: dict[int, asyncio.Future] = {}
+        self._pings: dict[int, asyncio.Future] = {}
+        self._gi_lock = asyncio.Lock()
+        self._stopping = False
+        self._al_settled = 0.0
+        # Writes pause while a connection is being negotiated: a write must
+        # either be replicated or be in the bitmap the handshake looks at.
+        self._io_open = asyncio.Event()
+        self._io_open.set()
+        self._writes_deciding = 0
+        self._writes_idle = asyncio.Condition()
+        self._accepted: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self.stats = {"writes": 0, "reads": 0, "flushes": 0, "resync_bytes": 0,
+                      "connects": 0, "protocol_errors": 0}
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        t = self.cfg.tunables
+        for vcfg in self.cfg.volumes:
+            md_path = vcfg.metadata or os.path.join(self.state_dir, self.name, f"vol{vcfg.number}.md")
+            vol, recovery = Volume.open(vcfg.number, vcfg.path, vcfg.size, md_path,
+                                        bitmap_block_size=t.bitmap_block_size,
+                                        al_extents=t.al_extents)
+            vs = VolumeState(vol)
+            vs.disk = UPTODATE if vol.md.sb.has(CONSISTENT) and vol.md.sb.has(WAS_UP_TO_DATE) \
+                else (CONSISTENT_S if vol.md.sb.has(CONSISTENT) else INCONSISTENT)
+            self.vols.append(vs)
+            self.locks.append(RangeLock())
+            self._event("volume-attached", volume=vcfg.number, disk=vs.disk, **recovery)
+        # A restarted node always comes back as Secondary, as DRBD does.
+        for vs in self.vols:
+            vs.vol.md.set_flags(clear=PRIMARY)
+        self.conn = CONNECTING
+        if not self._dialer:
+            # Only the side that waits for the peer listens.
+            local = self.cfg.local
+            self._server = await asyncio.start_server(self._on_accept, local.host, local.port)
+        self._spawn(self._connect_loop(), "connect")
+        self._event("started", conn=self.conn)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._server:
+            self._server.close()
+        await self._drop_connection("resource stopping")
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for vs in self.vols:
+            if self.role == "Primary":
+                vs.vol.md.set_flags(clear=PRIMARY)
+            await vs.vol.close(clean=True)
+        self.conn = STANDALONE
+        self._event("stopped")
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.create_task(coro, name=f"{self.name}:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _event(self, event: str, **detail) -> None:
+        record = {"ts": round(time.time(), 6), "resource": self.name, "event": event, **detail}
+        log.info("%s %s", event, " ".join(f"{k}={v}" for k, v in record.items()
+                                          if k not in ("ts", "event")))
+        self._emit(record)
+
+    # -- roles -----------------------------------------------------------------
+
+    async def promote(self, force: bool = False) -> None:
+        if self.role == "Primary":
+            return
+        if self.conn == CONNECTED and self.peer_role == "Primary":
+            raise RoleError(f"{self.name}: the peer is Primary; demote it first "
+                            "(two primaries are never allowed while connected)")
+        for vs in self.vols:
+            if vs.disk == INCONSISTENT and not force:
+                raise RoleError(f"{self.name}: volume {vs.vol.number} is Inconsistent; "
+                                "refusing to promote (use --force only if you accept its data)")
+            if vs.repl == SYNC_TARGET:
+                raise RoleError(f"{self.name}: volume {vs.vol.number} is being resynced from the peer")
+            if self.conn != CONNECTED and vs.disk != UPTODATE and not force:
+                raise RoleError(f"{self.name}: volume {vs.vol.number} is {vs.disk} and the peer is "
+                                "not connected; use --force for a disaster failover")
+        if self.conn != CONNECTED and not force:
+            raise RoleError(f"{self.name}: the peer is not connected, so its role is unknown; "
+                            "use --force for a disaster failover")
+        for vs in self.vols:
+            sb = vs.vol.md.sb
+            if force and (sb.current_gi == GI_JUST_CREATED or vs.disk != UPTODATE):
+                # Forced: this node's data becomes the reference from now on.
+                await self._new_generation(vs, forced=True)
+            vs.vol.md.set_flags(set_=PRIMARY | CONSISTENT | WAS_UP_TO_DATE, clear=CRASHED_PRIMARY)
+            vs.disk = UPTODATE
+        self.role = "Primary"
+        self._event("role-changed", role=self.role, force=force)
+        if self.conn == CONNECTED:
+            self._send(wire.encode_json(T.STATE, {"role": self.role}))
+            if force:
+                # Our data is the reference now: reconnect so the handshake resyncs the peer.
+                await self._drop_connection("forced promotion")
+
+    async def demote(self) -> None:
+        if self.role == "Secondary":
+            return
+        inflight = sum(1 for _ in self._pending)
+        if inflight:
+            raise RoleError(f"{self.name}: {inflight} writes are still in flight")
+        for vs in self.vols:
+            await vs.vol.flush()
+            vs.vol.md.set_flags(clear=PRIMARY)
+        self.role = "Secondary"
+        self._event("role-changed", role=self.role)
+        if self.conn == CONNECTED:
+            self._send(wire.encode_json(T.STATE, {"role": self.role}))
+
+    # -- application I/O (the NBD exports call these) --------------------------------
+
+    def replicating(self, vs: VolumeState) -> bool:
+        return (self.conn == CONNECTED and self._writer is not None
+                and vs.repl in (ESTABLISHED, SYNC_SOURCE))
+
+    async def read(self, number: int, offset: int, length: int) -> bytes:
+        self.stats["reads"] += 1
+        return await self.vols[number].vol.pread(offset, length)
+
+    async def write(self, number: int, offset: int, data: bytes, fua: bool) -> None:
+        if self.role != "Primary":
+            raise PermissionError("not Primary")
+        vs = self.vols[number]
+        t0 = time.monotonic()
+        length = len(data)
+        await vs.vol.al.acquire(offset, length)
+        fut = None
+        await self._io_open.wait()
+        self._writes_deciding += 1
+        try:
+            async with self.locks[number].hold(offset, length):
+                if self.replicating(vs):
+                    self._seq += 1
+                    seq = self._seq
+                    fut = asyncio.get_running_loop().create_future()
+                    self._pending[seq] = (fut, number, offset, length)
+                    self._send(wire.encode_data(number, seq, offset, data, fua))
+                else:
+                    await self._diverge(vs, offset, length)
+                await vs.vol.pwrite(offset, data, durable=fua)
+        except BaseException:
+            await self._settle_later(vs, fut, offset, length)
+            raise
+        finally:
+            async with self._writes_idle:
+                self._writes_deciding -= 1
+                self._writes_idle.notify_all()
+        self.stats["writes"] += 1
+        if fut is not None and self.cfg.protocol == "C":
+            with contextlib.suppress(PeerGone):
+                await fut                # PeerGone: already recorded in the bitmap
+            fut = None
+        elif fut is not None and self._writer is not None:
+            await self._writer.drain()   # protocol A: bound what waits in the send buffer
+        await self._settle_later(vs, fut, offset, length)
+        us = (time.monotonic() - t0) * 1e6
+        vs.latency_ewma_us = us if not vs.latency_ewma_us else 0.9 * vs.latency_ewma_us + 0.1 * us
+
+    async def _settle_later(self, vs: VolumeState, fut, offset: int, length: int) -> None:
+        """Release the AL extent now, or once the peer acked (or the link dropped)."""
+        if fut is None or fut.done():
+            await vs.vol.al.release(offset, length)
+        else:
+            fut.add_done_callback(
+                lambda f: self._spawn(vs.vol.al.release(offset, length), "al-release"))
+
+    async def flush(self, number: int) -> None:
+        self.stats["flushes"] += 1
+        vs = self.vols[number]
+        fut = None
+        if self.replicating(vs):
+            self._seq += 1
+            fut = asyncio.get_running_loop().create_future()
+            self._flushes[self._seq] = fut
+            self._send(wire.encode_u64(T.FLUSH, self._seq))
+        await vs.vol.flush()
+        if fut is not None and self.cfg.protocol == "C":
+            with contextlib.suppress(PeerGone):
+                await fut
+
+    async def _diverge(self, vs: VolumeState, offset: int, length: int) -> None:
+        """A write the peer will not see: record it, and start a new generation once."""
+        if vs.vol.md.sb.bitmap_gi == 0:
+            await self._new_generation(vs)
+        vs.vol.bitmap.set_range(offset, length)
+
+    async def _new_generation(self, vs: VolumeState, forced: bool = False) -> None:
+        async with self._gi_lock:
+            sb = vs.vol.md.sb
+            if not forced and sb.bitmap_gi != 0:
+                return
+            new = secrets.randbits(63) << 1 | 1
+            bitmap_gi = sb.bitmap_gi
+            if sb.current_gi != GI_JUST_CREATED and bitmap_gi == 0:
+                bitmap_gi = sb.current_gi
+            # Persisted before the write that needed it proceeds.
+            await asyncio.to_thread(vs.vol.md.write_superblock, current_gi=new, bitmap_gi=bitmap_gi)
+            self._event("new-generation", volume=vs.vol.number, current=_gi(new),
+                        bitmap=_gi(bitmap_gi), forced=forced)
+
+    # -- connection management ---------------------------------------------------------
+
+    @property
+    def _dialer(self) -> bool:
+        # Exactly one side dials, so there is never a race of two connections.
+        return self.cfg.local.name < self.cfg.peer.name
+
+    async def _connect_loop(self) -> None:
+        interval = self.cfg.tunables.connect_interval
+        while not self._stopping:
+            try:
+                if self._dialer:
+                    reader, writer = await asyncio.wait_for(
+                        asyncio.open_connection(self.cfg.peer.host, self.cfg.peer.port), 5)
+                else:
+                    reader, writer = await self._accepted.get()
+            except (TimeoutError, OSError):
+                await asyncio.sleep(interval)
+                continue
+            self.stats["connects"] += 1
+            try:
+                await self._session(reader, writer)
+            except wire.ProtocolError as e:
+                self.stats["protocol_errors"] += 1
+                log.warning("protocol error resource=%s peer=%s reason=%s", self.name,
+                            self.cfg.peer.name, e)
+                await self._drop_connection(f"protocol error: {e}")
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ConnectionError) as e:
+                await self._drop_connection(f"link lost: {e.__class__.__name__}")
+            except _Refused as e:
+                await self._drop_connection(str(e), standalone=e.standalone)
+                if e.standalone:
+                    return
+            finally:
+                writer.close()
+            if not self._stopping:
+                await asyncio.sleep(interval)
+
+    async def _on_accept(self, reader, writer) -> None:
+        if self._dialer or self.conn == CONNECTED or self._accepted.full():
+            writer.close()          # only one link per resource, and we are the dialer
+            return
+        await self._accepted.put((reader, writer))
+
+    async def _drop_connection(self, reason: str, standalone: bool = False) -> None:
+        self._io_open.set()
+        was = self.conn
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+        self.conn = STANDALONE if (standalone or self._stopping) else CONNECTING
+        self.peer_role = "Unknown"
+        # Whatever the peer did not acknowledge may be missing there.
+        for fut, number, offset, length in self._pending.values():
+            self.vols[number].vol.bitmap.set_range(offset, length)
+            if not fut.done():
+                fut.set_exception(PeerGone())
+                fut.exception()        # mark retrieved for protocol A callers
+        self._pending.clear()
+        for futs in (self._flushes, self._pings):
+            for fut in futs.values():
+                if not fut.done():
+                    fut.set_exception(PeerGone())
+                    fut.exception()
+            futs.clear()
+        for vs in self.vols:
+            if vs.repl == SYNC_TARGET:
+                vs.disk = INCONSISTENT
+            vs.repl, vs.peer_disk = OFF, DUNKNOWN
+            vs.rs_inflight.clear()
+        if was == CONNECTED:
+            self._event("disconnected", reason=reason, conn=self.conn)
+
+    def _send(self, buffers: list[bytes]) -> None:
+        if self._writer is None:
+            raise PeerGone()
+        self._writer.writelines(buffers)
+
+    # -- the session: handshake, then the receive loop -------------------------------------
+
+    def _hello(self) -> dict:
+        vols = []
+        for vs in self.vols:
+            sb = vs.vol.md.sb
+            vols.append({"number": vs.vol.number, "size": vs.vol.size, "current": sb.current_gi,
+                         "bitmap": sb.bitmap_gi, "history": list(sb.history),
+                         "consistent": vs.disk != INCONSISTENT, "disk": vs.disk,
+                         "crashed_primary": sb.has(CRASHED_PRIMARY), "bits": vs.vol.bitmap.count})
+        return {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
+                "peer": self.cfg.peer.name, "role": self.role, "protocol": self.cfg.protocol,
+                "volumes": vols}
+
+    async def _session(self, reader, writer) -> None:
+        # 1. Identify both ends first, while writes go on: a stray or hostile
+        #    connection must not be able to pause the Primary's I/O.
+        ident = {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
+                 "peer": self.cfg.peer.name}
+        writer.writelines(wire.encode_json(T.HELLO, ident))
+        msg = await asyncio.wait_for(wire.read_message(reader), 5)
+        if msg.type != T.HELLO:
+            raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
+        _validate_ident(msg.body, self)
+        # 2. Pause writes so that each one is either replicated or in the bitmap
+        #    that the state exchange describes, then exchange state.
+        self._io_open.clear()
+        async with self._writes_idle:
+            await self._writes_idle.wait_for(lambda: self._writes_deciding == 0)
+        hello = self._hello()
+        writer.writelines(wire.encode_json(T.HELLO, hello))
+        msg = await asyncio.wait_for(wire.read_message(reader), 10)
+        if msg.type != T.HELLO:
+            raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
+        peer = _validate_hello(msg.body, self)
+        self._writer = writer
+        self.conn = CONNECTED
+        self.peer_role = peer["role"]
+        if self.role == "Primary" and self.peer_role == "Primary":
+            raise _Refused("both nodes are Primary: refusing the connection (split brain)", True)
+        plans = []
+        for vs, pv in zip(self.vols, peer["volumes"], strict=True):
+            me = handshake.Side.from_hello(self.cfg.local.name, self.role, hello["volumes"][vs.vol.number])
+            them = handshake.Side.from_hello(self.cfg.peer.name, self.peer_role, pv)
+            strategy, rule = handshake.decide(me, them)
+            self._event("handshake", volume=vs.vol.number, strategy=strategy, rule=rule,
+                        self_gi=_gi(me.current), peer_gi=_gi(them.current))
+            if strategy in (handshake.SPLIT_BRAIN, handshake.UNRELATED):
+                raise _Refused(f"volume {vs.vol.number}: {strategy} (rule {rule}); "
+                               "manual recovery needed", True)
+            if strategy in handshake.TARGETS and self.role == "Primary":
+                raise _Refused(f"volume {vs.vol.number}: the Primary would become sync target "
+                               f"(rule {rule}); refusing", True)
+            plans.append((vs, strategy, pv))
+        self._event("connected", peer=self.cfg.peer.name, peer_role=self.peer_role)
+        # Exchange bitmaps where the union decides what moves.
+        for vs, strategy, _ in plans:
+            if strategy in (handshake.SOURCE_BITMAP, handshake.TARGET_BITMAP):
+                bm = vs.vol.bitmap.to_bytes()
+                step = 1 << 20
+                for i in range(0, len(bm), step):
+                    self._send(wire.encode_bitmap(vs.vol.number, i, bm[i:i + step]))
+        pending_bitmaps = {vs.vol.number: 0 for vs, s, _ in plans
+                           if s in (handshake.SOURCE_BITMAP, handshake.TARGET_BITMAP)}
+        received: dict[int, bytearray] = {n: bytearray(self.vols[n].vol.bitmap.nbytes)
+                                          for n in pending_bitmaps}
+        while any(pending_bitmaps[n] < len(received[n]) for n in pending_bitmaps):
+            msg = await asyncio.wait_for(wire.read_message(reader), 30)
+            if msg.type != T.BITMAP or msg.volume not in received:
+                raise wire.ProtocolError(f"expected BITMAP, got {msg.type.name}")
+            buf = received[msg.volume]
+            if msg.offset != pending_bitmaps[msg.volume] or msg.offset + len(msg.data) > len(buf):
+                raise wire.ProtocolError("BITMAP chunk out of order or too long")
+            buf[msg.offset:msg.offset + len(msg.data)] = msg.data
+            pending_bitmaps[msg.volume] += len(msg.data)
+        for vs, strategy, pv in plans:
+            await self._begin(vs, strategy, pv, received.get(vs.vol.number))
+        self._io_open.set()
+        self._spawn(self._ping_loop(), "ping")
+        await self._receive_loop(reader)
+
+    async def _begin(self, vs: VolumeState, strategy: str, pv: dict, peer_bitmap) -> None:
+        from .bitmap import Bitmap
+        if peer_bitmap is not None:
+            vs.vol.bitmap.merge(Bitmap(vs.vol.size, vs.vol.bitmap.block_size, bytes(peer_bitmap)))
+        if strategy in (handshake.SOURCE_FULL, handshake.TARGET_FULL):
+            vs.vol.bitmap.set_all()
+        if strategy == handshake.NO_SYNC:
+            vs.repl = ESTABLISHED
+            vs.peer_disk = pv["disk"]
+            return
+        vs.sync_total = vs.vol.bitmap.count
+        vs.sync_started = time.monotonic()
+        if strategy in handshake.SOURCES:
+            vs.repl, vs.peer_disk = SYNC_SOURCE, INCONSISTENT
+            sb = vs.vol.md.sb
+            if sb.bitmap_gi == 0 and pv["current"] != sb.current_gi:
+                # Remember which generation the target had, so an interrupted
+                # sync resumes from the bitmap instead of starting over.
+                await asyncio.to_thread(vs.vol.md.write_superblock, bitmap_gi=pv["current"])
+            self._spawn(self._resync_source(vs), f"resync-{vs.vol.number}")
+        else:
+            vs.repl, vs.disk, vs.peer_disk = SYNC_TARGET, INCONSISTENT, UPTODATE
+            vs.vol.md.set_flags(clear=CONSISTENT)
+        await asyncio.to_thread(vs.vol.md.write_bitmap_pages)
+        self._event("sync-started", volume=vs.vol.number, role=vs.repl,
+                    bytes=vs.vol.bitmap.out_of_sync_bytes)
+
+    async def _receive_loop(self, reader) -> None:
+        sizes = [vs.vol.size for vs in self.vols]
+        while True:
+            msg = await wire.read_message(reader)
+            t = msg.type
+            if t == T.DATA:
+                wire.check_range(msg, sizes)
+                if self.role == "Primary":
+                    raise wire.ProtocolError("DATA sent to a Primary")
+                await self._apply(msg.volume, msg.offset, msg.data, bool(msg.flags & wire.FLAG_FUA))
+                self._send(wire.encode_u64(T.WRITE_ACK, msg.seq))
+            elif t == T.WRITE_ACK:
+                entry = self._pending.pop(msg.seq, None)
+                if entry is None:
+                    raise wire.ProtocolError(f"WRITE_ACK for unknown write {msg.seq}")
+                if not entry[0].done():
+                    entry[0].set_result(None)
+            elif t == T.RS_DATA:
+                wire.check_range(msg, sizes)
+                vs = self.vols[msg.volume]
+                if vs.repl != SYNC_TARGET:
+                    raise wire.ProtocolError("RS_DATA outside a resync")
+                await self._apply(msg.volume, msg.offset, msg.data, False)
+                vs.vol.bitmap.clear_range(msg.offset, msg.length)
+                self._send(wire.encode_rs_ack(msg.volume, msg.offset, msg.length))
+            elif t == T.RS_ACK:
+                wire.check_range(msg, sizes)
+                vs = self.vols[msg.volume]
+                key = (msg.offset, msg.length)
+                if key not in vs.rs_inflight:
+                    raise wire.ProtocolError("RS_ACK for a block that was not sent")
+                vs.rs_inflight.discard(key)
+                vs.vol.bitmap.clear_range(msg.offset, msg.length)
+                self.stats["resync_bytes"] += msg.length
+            elif t == T.FLUSH:
+                for vs in self.vols:
+                    await vs.vol.flush()
+                self._send(wire.encode_u64(T.FLUSH_ACK, msg.seq))
+                await self._settle_al()
+            elif t in (T.FLUSH_ACK, T.PING_ACK):
+                futs = self._flushes if t == T.FLUSH_ACK else self._pings
+                fut = futs.pop(msg.seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            elif t == T.PING:
+                self._send(wire.encode_u64(T.PING_ACK, msg.seq))
+            elif t == T.STATE:
+                await self._on_state(msg.body)
+            else:
+                raise wire.ProtocolError(f"unexpected {t.name} after the handshake")
+
+    async def _settle_al(self) -> None:
+        """After a flush on the secondary, shrink its AL (at most once a second).
+
+        Everything received so far is durable, so a crash of this node from
+        now on needs to resync only what arrives after it.
+        """
+        now = time.monotonic()
+        if now - self._al_settled < 1.0:
+            return
+        self._al_settled = now
+        for vs in self.vols:
+            await vs.vol.al.settle()
+
+    async def _apply(self, number: int, offset: int, data: bytes, fua: bool) -> None:
+        vol = self.vols[number].vol
+        await vol.al.acquire(offset, len(data))
+        try:
+            await vol.pwrite(offset, data, durable=fua)
+        finally:
+            await vol.al.release(offset, len(data))
+
+    async def _on_state(self, body: dict) -> None:
+        if "role" in body:
+            if body["role"] not in ("Primary", "Secondary"):
+                raise wire.ProtocolError("bad role in STATE")
+            if body["role"] == "Primary" and self.role == "Primary":
+                raise _Refused("the peer became Primary while we are Primary", True)
+            self.peer_role = body["role"]
+            self._event("peer-role-changed", peer_role=self.peer_role)
+        if "sync_done" in body:
+            number = body["sync_done"]
+            if not isinstance(number, int) or not 0 <= number < len(self.vols):
+                raise wire.ProtocolError("bad volume in sync_done")
+            vs = self.vols[number]
+            if vs.repl != SYNC_TARGET:
+                raise wire.ProtocolError("sync_done outside a resync")
+            await vs.vol.flush()
+            sb = vs.vol.md.sb
+            history = list(sb.history)
+            if sb.current_gi not in (GI_JUST_CREATED, int(body["current"])):
+                history = [sb.current_gi] + history
+            history = tuple((history + [0] * HISTORY)[:HISTORY])
+            vs.vol.bitmap.clear_all()
+            await asyncio.to_thread(vs.vol.md.write_bitmap_pages)
+            await asyncio.to_thread(vs.vol.md.write_superblock, current_gi=int(body["current"]),
+                                    bitmap_gi=0, history=history,
+                                    flags=vs.vol.md.sb.flags | CONSISTENT | WAS_UP_TO_DATE)
+            vs.disk, vs.repl = UPTODATE, ESTABLISHED
+            await vs.vol.al.settle()     # all synced data is durable (flushed above)
+            self._event("sync-finished", volume=number, role="SyncTarget")
+
+    # -- resync (source side pushes; see docs/engine.md) ----------------------------------
+
+    async def _resync_source(self, vs: VolumeState) -> None:
+        try:
+            await self._resync_source_loop(vs)
+        except (PeerGone, ConnectionError, OSError) as e:
+            log.info("resync stopped resource=%s volume=%s reason=%r", self.name, vs.vol.number, e)
+
+    async def _resync_source_loop(self, vs: VolumeState) -> None:
+        number, lock = vs.vol.number, self.locks[vs.vol.number]
+        rate = self.cfg.tunables.resync_rate_max
+        t_start, sent = time.monotonic(), 0
+        while vs.repl == SYNC_SOURCE:
+            ranges = list(_blocks(vs.vol.bitmap.ranges(), RESYNC_BLOCK))
+            if not ranges and not vs.rs_inflight:
+                await self._finish_sync(vs)
+                return
+            for offset, length in ranges:
+                if vs.repl != SYNC_SOURCE:
+                    return
+                while len(vs.rs_inflight) >= RESYNC_WINDOW or (offset, length) in vs.rs_inflight:
+                    await asyncio.sleep(0.001)
+                    if vs.repl != SYNC_SOURCE:
+                        return
+                async with lock.hold(offset, length, exclusive=True):
+                    data = await vs.vol.pread(offset, length)
+                    vs.rs_inflight.add((offset, length))
+                    self._send(wire.encode_rs_data(number, offset, data))
+                sent += length
+                if rate:
+                    ahead = sent / rate - (time.monotonic() - t_start)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                if self._writer is not None:
+                    await self._writer.drain()
+            while vs.rs_inflight and vs.repl == SYNC_SOURCE:
+                await asyncio.sleep(0.005)
+
+    async def _finish_sync(self, vs: VolumeState) -> None:
+        sb = vs.vol.md.sb
+        history = sb.history
+        if sb.bitmap_gi not in (0, GI_JUST_CREATED) and sb.bitmap_gi not in history:
+            history = tuple(([sb.bitmap_gi] + list(history))[:HISTORY])
+        await asyncio.to_thread(vs.vol.md.write_bitmap_pages)
+        await asyncio.to_thread(vs.vol.md.write_superblock, bitmap_gi=0, history=history)
+        self._send(wire.encode_json(T.STATE, {"sync_done": vs.vol.number, "current": sb.current_gi}))
+        vs.repl, vs.peer_disk = ESTABLISHED, UPTODATE
+        self._event("sync-finished", volume=vs.vol.number, role="SyncSource",
+                    seconds=round(time.monotonic() - vs.sync_started, 3))
+
+    async def _ping_loop(self) -> None:
+        t = self.cfg.tunables
+        n = 0
+        while self.conn == CONNECTED and self._writer is not None:
+            await asyncio.sleep(t.ping_interval)
+            if self._writer is None:
+                return
+            n += 1
+            fut = asyncio.get_running_loop().create_future()
+            self._pings[n] = fut
+            try:
+                self._send(wire.encode_u64(T.PING, n))
+                await asyncio.wait_for(fut, max(t.ping_timeout, 5 * t.ping_interval))
+            except (TimeoutError, PeerGone):
+                if self._writer is not None:
+                    self._writer.close()      # the receive loop ends and the link is dropped
+                return
+
+    # -- status ---------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        vols = []
+        for vs in self.vols:
+            sb = vs.vol.md.sb
+            oos = vs.vol.bitmap.out_of_sync_bytes
+            entry = {
+                "volume": vs.vol.number, "disk": vs.disk, "peer_disk": vs.peer_disk,
+                "replication": vs.repl, "out_of_sync_bytes": oos,
+                "in_flight_bytes": sum(p[3] for p in self._pending.values() if p[1] == vs.vol.number),
+                "write_latency_us": round(vs.latency_ewma_us, 1),
+                "generation": {"current": _gi(sb.current_gi), "bitmap": _gi(sb.bitmap_gi),
+                               "history": [_gi(h) for h in sb.history]},
+                "flags": sb.flag_names(), "size": vs.vol.size,
+                "written_bytes": vs.vol.bytes_written, "read_bytes": vs.vol.bytes_read,
+            }
+            if vs.repl in (SYNC_SOURCE, SYNC_TARGET) and vs.sync_total:
+                done = max(0, vs.sync_total - vs.vol.bitmap.count)
+                pct = 100.0 * done / vs.sync_total
+                elapsed = time.monotonic() - vs.sync_started
+                eta = (elapsed / done * (vs.sync_total - done)) if done else None
+                entry.update(sync_percent=round(pct, 1),
+                             sync_eta_seconds=None if eta is None else round(eta, 1))
+            vols.append(entry)
+        return {"name": self.name, "role": self.role, "connection": self.conn,
+                "peer": self.cfg.peer.name, "peer_role": self.peer_role,
+                "protocol": self.cfg.protocol, "volumes": vols, "stats": dict(self.stats)}
+
+
+class _Refused(Exception):
+    def __init__(self, msg: str, standalone: bool):
+        super().__init__(msg)
+        self.standalone = standalone
+
+
+def _gi(value: int) -> str:
+    return f"{value:016X}"
+
+
+def _blocks(ranges, size: int):
+    for offset, length in ranges:
+        end = offset + length
+        while offset < end:
+            n = min(size, end - offset)
+            yield offset, n
+            offset += n
+
+
+def _validate_ident(body: dict, res: Resource) -> None:
+    try:
+        if body["proto"] != wire.VERSION:
+            raise wire.ProtocolError(f"protocol version {body['proto']} is not {wire.VERSION}")
+        if body["resource"] != res.name:
+            raise wire.ProtocolError(f"peer offers resource {body['resource']!r}, not {res.name!r}")
+        if body["node"] != res.cfg.peer.name or body["peer"] != res.cfg.local.name:
+            raise wire.ProtocolError(f"peer is {body['node']!r} expecting {body['peer']!r}; "
+                                     f"we expect {res.cfg.peer.name!r}")
+    except (KeyError, TypeError) as e:
+        raise wire.ProtocolError(f"malformed HELLO: {e!r}") from None
+
+
+def _validate_hello(body: dict, res: Resource) -> dict:
+    _validate_ident(body, res)
+    try:
+        if body["role"] not in ("Primary", "Secondary"):
+            raise wire.ProtocolError("bad role")
+        if body["protocol"] != res.cfg.protocol:
+            raise wire.ProtocolError(f"peer uses protocol {body['protocol']}, we use {res.cfg.protocol}")
+        vols = body["volumes"]
+        if not isinstance(vols, list) or len(vols) != len(res.vols):
+            raise wire.ProtocolError("volume count differs")
+        for vs, pv in zip(res.vols, vols, strict=True):
+            if pv["number"] != vs.vol.number or pv["size"] != vs.vol.size:
+                raise wire.ProtocolError(f"volume {vs.vol.number}: peer has size {pv['size']}, "
+                                         f"we have {vs.vol.size}")
+            for key in ("current", "bitmap", "bits"):
+                if not isinstance(pv[key], int) or not 0 <= pv[key] < 2**64:
+                    raise wire.ProtocolError(f"volume {vs.vol.number}: bad {key}")
+            if not isinstance(pv["history"], list) or len(pv["history"]) > 64:
+                raise wire.ProtocolError("bad history")
+            if pv["disk"] not in (INCONSISTENT, OUTDATED, CONSISTENT_S, UPTODATE):
+                raise wire.ProtocolError("bad disk state")
+    except (KeyError, TypeError) as e:
+        raise wire.ProtocolError(f"malformed HELLO: {e!r}") from None
+    return body

@@ -1,0 +1,109 @@
+"""One volume on one node: the backing file, its metadata, AL and bitmap.
+
+All blocking I/O runs in a small thread pool so that a slow disk never
+stalls the event loop (pings, other resources, NBD reads keep going).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from concurrent.futures import ThreadPoolExecutor
+
+from .activity_log import ActivityLog
+from .metadata import AL_CLEAN, CRASHED_PRIMARY, PRIMARY, MetadataFile
+
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tandem-io")
+
+
+async def run_io(fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(_POOL, fn, *args)
+
+
+def backing_size(fd: int) -> int:
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+class Volume:
+    def __init__(self, number: int, path: str, size: int, md: MetadataFile, fd: int):
+        self.number, self.path, self.size, self.md, self.fd = number, path, size, md, fd
+        self.al = ActivityLog(md, run_io=run_io)
+        self.bytes_written = 0
+        self.bytes_read = 0
+
+    @property
+    def bitmap(self):
+        return self.md.bitmap
+
+    @classmethod
+    def open(cls, number: int, path: str, size: int, md_path: str, *,
+             bitmap_block_size: int = 4096, al_extents: int = 1237) -> tuple[Volume, dict]:
+        """Open (creating if needed) the backing file and metadata.
+
+        Returns the volume and what recovery found: an unclean stop replays
+        the activity log into the bitmap and, for a volume that was Primary,
+        records a crashed primary (which decides resync direction later).
+        """
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            have = backing_size(fd)
+            if have < size:
+                if stat.S_ISBLK(os.fstat(fd).st_mode):
+                    raise OSError(f"{path}: block device has {have} bytes, the volume needs {size}")
+                os.ftruncate(fd, size)
+            if os.path.exists(md_path):
+                md = MetadataFile.open(md_path, volume_size=size)
+            else:
+                os.makedirs(os.path.dirname(md_path) or ".", exist_ok=True)
+                md = MetadataFile.create(md_path, size, bitmap_block_size=bitmap_block_size,
+                                         al_extents=al_extents)
+        except BaseException:
+            os.close(fd)
+            raise
+        recovery = {"clean": md.sb.has(AL_CLEAN), "al_bits": 0, "crashed_primary": False}
+        if not md.sb.has(AL_CLEAN):
+            recovery["al_bits"] = md.apply_al()
+            if md.sb.has(PRIMARY):
+                recovery["crashed_primary"] = True
+                md.set_flags(set_=CRASHED_PRIMARY)
+        # From now on the AL may fill: the next clean shutdown sets AL_CLEAN again.
+        md.set_flags(clear=AL_CLEAN)
+        return cls(number, path, size, md, fd), recovery
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        data = await run_io(os.pread, self.fd, length, offset)
+        if len(data) < length:                       # sparse tail of a file
+            data += bytes(length - len(data))
+        self.bytes_read += length
+        return data
+
+    async def pwrite(self, offset: int, data: bytes, durable: bool = False) -> None:
+        await run_io(self._pwrite, offset, data, durable)
+        self.bytes_written += len(data)
+
+    def _pwrite(self, offset: int, data: bytes, durable: bool) -> None:
+        view, done = memoryview(data), 0
+        while done < len(data):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        if durable:
+            os.fdatasync(self.fd)
+
+    async def flush(self) -> None:
+        await run_io(os.fdatasync, self.fd)
+
+    async def close(self, clean: bool) -> None:
+        """Close; a clean close persists the bitmap and an empty AL."""
+        if clean:
+            await self.flush()
+            try:
+                await self.al.clean_shutdown()
+            except RuntimeError:
+                clean = False         # writes were cut off: the next start replays the AL
+        if clean:
+            await run_io(self.md.set_flags, AL_CLEAN)
+        self.md.close()
+        os.close(self.fd)

@@ -1,0 +1,181 @@
+"""The replication wire protocol between the two daemons of a resource.
+
+Every message is a 12-byte header followed by a payload:
+
+    magic u32 | type u16 | flags u16 | payload length u32      (little-endian)
+
+Handshake and state messages carry a small JSON object; the data path uses
+fixed binary layouts. The decoder trusts nothing: unknown types, oversized or
+short payloads, bad JSON and out-of-range fields raise ProtocolError, and the
+caller drops that one connection. Nothing is written before a message has
+been fully validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+MAGIC = 0x314D4454            # "TDM1"
+VERSION = 1
+HEADER = struct.Struct("<IHHI")
+MAX_DATA = 32 << 20           # largest write or resync block
+MAX_JSON = 256 << 10
+
+FLAG_FUA = 1
+
+
+class ProtocolError(Exception):
+    """The peer sent something malformed or hostile: drop the connection."""
+
+
+class T(IntEnum):
+    HELLO = 1          # json: who we are, volumes, generation ids, disk states
+    DATA = 2           # volume u16, seq u64, offset u64 + data   (application write)
+    WRITE_ACK = 3      # seq u64                                   (protocol C ack)
+    FLUSH = 4          # id u64: make every earlier write durable
+    FLUSH_ACK = 5      # id u64
+    RS_DATA = 6        # volume u16, offset u64 + data            (resync block)
+    RS_ACK = 7         # volume u16, offset u64, length u32
+    STATE = 8          # json: role / disk-state changes, sync start and end
+    PING = 9           # id u64
+    PING_ACK = 10      # id u64
+    BITMAP = 11        # volume u16, first_bit u64 + bitmap bytes (handshake)
+
+
+_DATA = struct.Struct("<HQQ")
+_U64 = struct.Struct("<Q")
+_RS_DATA = struct.Struct("<HQ")
+_RS_ACK = struct.Struct("<HQI")
+_BITMAP = struct.Struct("<HQ")
+
+_JSON_TYPES = {T.HELLO, T.STATE}
+_U64_TYPES = {T.WRITE_ACK, T.FLUSH, T.FLUSH_ACK, T.PING, T.PING_ACK}
+
+
+@dataclass(frozen=True)
+class Message:
+    type: T
+    flags: int = 0
+    # Decoded fields; which ones are set depends on the type.
+    volume: int = 0
+    seq: int = 0
+    offset: int = 0
+    length: int = 0
+    data: bytes = b""
+    body: dict | None = None
+
+
+# -- encoding (returns a list of buffers for writelines: no payload copy) ----------
+
+def _frame(t: T, payload_len: int, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, t, flags, payload_len)
+
+
+def encode_json(t: T, body: dict) -> list[bytes]:
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    if len(raw) > MAX_JSON:
+        raise ValueError(f"{t.name} message too large ({len(raw)} bytes)")
+    return [_frame(t, len(raw)), raw]
+
+
+def encode_u64(t: T, value: int) -> list[bytes]:
+    return [_frame(t, 8) + _U64.pack(value)]
+
+
+def encode_data(volume: int, seq: int, offset: int, data: bytes, fua: bool) -> list[bytes]:
+    return [_frame(T.DATA, _DATA.size + len(data), FLAG_FUA if fua else 0)
+            + _DATA.pack(volume, seq, offset), data]
+
+
+def encode_rs_data(volume: int, offset: int, data: bytes) -> list[bytes]:
+    return [_frame(T.RS_DATA, _RS_DATA.size + len(data)) + _RS_DATA.pack(volume, offset), data]
+
+
+def encode_rs_ack(volume: int, offset: int, length: int) -> list[bytes]:
+    return [_frame(T.RS_ACK, _RS_ACK.size) + _RS_ACK.pack(volume, offset, length)]
+
+
+def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
+    return [_frame(T.BITMAP, _BITMAP.size + len(chunk)) + _BITMAP.pack(volume, first_byte), chunk]
+
+
+# -- decoding --------------------------------------------------------------------
+
+def parse_header(raw: bytes) -> tuple[T, int, int]:
+    magic, t, flags, length = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic:#x}")
+    try:
+        t = T(t)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {t}") from None
+    limit = MAX_JSON if t in _JSON_TYPES else (MAX_DATA + 64 if t in (T.DATA, T.RS_DATA, T.BITMAP) else 64)
+    if length > limit:
+        raise ProtocolError(f"{t.name} payload of {length} bytes exceeds {limit}")
+    if flags & ~FLAG_FUA or (flags and t != T.DATA):
+        raise ProtocolError(f"{t.name} with unknown flags {flags:#x}")
+    return t, flags, length
+
+
+def parse_payload(t: T, flags: int, payload: bytes) -> Message:
+    if t in _JSON_TYPES:
+        try:
+            body = json.loads(payload)
+        except (UnicodeDecodeError, ValueError):
+            raise ProtocolError(f"{t.name}: payload is not JSON") from None
+        if not isinstance(body, dict):
+            raise ProtocolError(f"{t.name}: payload is not a JSON object")
+        return Message(t, body=body)
+    if t in _U64_TYPES:
+        _exact(t, payload, _U64.size)
+        return Message(t, seq=_U64.unpack(payload)[0])
+    if t == T.DATA:
+        _at_least(t, payload, _DATA.size + 1)
+        volume, seq, offset = _DATA.unpack_from(payload)
+        data = payload[_DATA.size:]
+        return Message(t, flags, volume=volume, seq=seq, offset=offset, length=len(data), data=data)
+    if t == T.RS_DATA:
+        _at_least(t, payload, _RS_DATA.size + 1)
+        volume, offset = _RS_DATA.unpack_from(payload)
+        data = payload[_RS_DATA.size:]
+        return Message(t, volume=volume, offset=offset, length=len(data), data=data)
+    if t == T.RS_ACK:
+        _exact(t, payload, _RS_ACK.size)
+        volume, offset, length = _RS_ACK.unpack(payload)
+        return Message(t, volume=volume, offset=offset, length=length)
+    if t == T.BITMAP:
+        _at_least(t, payload, _BITMAP.size)
+        volume, first = _BITMAP.unpack_from(payload)
+        return Message(t, volume=volume, offset=first, data=payload[_BITMAP.size:])
+    raise ProtocolError(f"no decoder for {t.name}")    # pragma: no cover - enum is closed
+
+
+def _exact(t: T, payload: bytes, n: int) -> None:
+    if len(payload) != n:
+        raise ProtocolError(f"{t.name}: payload is {len(payload)} bytes, expected {n}")
+
+
+def _at_least(t: T, payload: bytes, n: int) -> None:
+    if len(payload) < n:
+        raise ProtocolError(f"{t.name}: payload is {len(payload)} bytes, expected at least {n}")
+
+
+async def read_message(reader: asyncio.StreamReader) -> Message:
+    """Read and decode one message. EOF raises asyncio.IncompleteReadError."""
+    t, flags, length = parse_header(await reader.readexactly(HEADER.size))
+    payload = await reader.readexactly(length) if length else b""
+    return parse_payload(t, flags, payload)
+
+
+def check_range(msg: Message, volume_sizes: list[int]) -> None:
+    """A data-path message must name a volume and stay inside it."""
+    if msg.volume >= len(volume_sizes):
+        raise ProtocolError(f"{msg.type.name}: no volume {msg.volume}")
+    size = volume_sizes[msg.volume]
+    if msg.offset >= size or msg.length > size - msg.offset:
+        raise ProtocolError(f"{msg.type.name}: range {msg.offset}+{msg.length} is outside "
+                            f"volume {msg.volume} ({size} bytes)")

@@ -1,0 +1,153 @@
+"""Two real tandemd processes on loopback, for engine tests.
+
+Each node gets its own config, state, run and data directories under a
+temporary directory; they talk over TCP on 127.0.0.1 like two sites would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1 << 20
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Node:
+    def __init__(self, root: Path, name: str):
+        self.name = name
+        self.root = root / name
+        for d in ("etc", "state", "run", "data"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        self.proc: subprocess.Popen | None = None
+        self.log = self.root / "tandemd.log"
+
+    @property
+    def config_dir(self) -> Path:
+        return self.root / "etc"
+
+    @property
+    def control(self) -> str:
+        return str(self.root / "run" / "tandemd.sock")
+
+    def nbd_socket(self, resource: str) -> str:
+        return str(self.root / "run" / f"{resource}.nbd")
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tandem.engine.daemon", "--config-dir", str(self.config_dir),
+                 "--state-dir", str(self.root / "state"), "--run-dir", str(self.root / "run"),
+                 "--log-level", "INFO"],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.control):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tandemd {self.name} exited:\n{self.log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tandemd {self.name} did not start:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        """kill -9: no cleanup of any kind."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        if os.path.exists(self.control):
+            os.unlink(self.control)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def ctl(self, *args: str, check: bool = True) -> dict:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tandem.engine.ctl", "--socket", self.control, *args, "--json"],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")},
+            timeout=60)
+        out = json.loads(proc.stdout) if proc.stdout.strip() else {"ok": False, "error": proc.stderr}
+        if check and proc.returncode != 0:
+            raise AssertionError(f"tandemctl {' '.join(args)} on {self.name}: {out}\n{proc.stderr}")
+        return out
+
+    def status(self, resource: str) -> dict:
+        return self.ctl("status", resource)["resources"][0]
+
+
+class Pair:
+    """Nodes "a" and "b" with one resource of `volumes` volumes of `size` bytes."""
+
+    def __init__(self, root: Path, resource: str = "vm1", size: int = 16 * MiB, volumes: int = 1,
+                 protocol: str = "C", tunables: dict | None = None):
+        self.resource, self.size, self.volumes = resource, size, volumes
+        self.a, self.b = Node(root, "a"), Node(root, "b")
+        ports = {"a": free_port(), "b": free_port()}
+        tun = {"connect_interval": 0.2, "ping_interval": 0.5, "ping_timeout": 0.4, **(tunables or {})}
+        for node in (self.a, self.b):
+            lines = [f'resource = "{resource}"', f'protocol = "{protocol}"',
+                     f'local_node = "{node.name}"']
+            for n in ("a", "b"):
+                lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{ports[n]}"']
+            for v in range(volumes):
+                lines += ["[[volumes]]", f"number = {v}",
+                          f'path = "{node.root / "data" / f"disk{v}.img"}"',
+                          f"size = {size}", f'export = "{resource}/disk{v}"']
+            lines.append("[tunables]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in tun.items()]
+            (node.config_dir / f"{resource}.toml").write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        self.a.start()
+        self.b.start()
+
+    def stop(self) -> None:
+        for node in (self.a, self.b):
+            node.stop()
+
+    def wait(self, predicate, timeout: float = 60, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = predicate()
+                if last:
+                    return
+            except (AssertionError, OSError, KeyError, IndexError) as e:
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"timed out waiting for {what}; last: {last}\n"
+                           f"a: {self.a.log.read_text()[-2000:]}\nb: {self.b.log.read_text()[-2000:]}")
+
+    def connected(self) -> bool:
+        return all(n.status(self.resource)["connection"] == "Connected" for n in (self.a, self.b))
+
+    def in_sync(self) -> bool:
+        for n in (self.a, self.b):
+            st = n.status(self.resource)
+            if st["connection"] != "Connected":
+                return False
+            for v in st["volumes"]:
+                if v["replication"] != "Established" or v["disk"] != "UpToDate" \
+                        or v["peer_disk"] != "UpToDate" or v["out_of_sync_bytes"]:
+                    return False
+        return True
+
+    def data_file(self, node: Node, volume: int = 0) -> Path:
+        return node.root / "data" / f"disk{volume}.img"

@@ -1,0 +1,140 @@
+"""Two real daemons over TCP: initial sync, dual write, peer loss and bitmap resync, roles."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+
+import pytest
+
+from .harness import Pair
+from .nbdclient import Client
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path)
+    yield p
+    p.stop()
+
+
+def random_writes(sock: str, export: str, size: int, n: int, seed: int, stop: threading.Event | None = None):
+    rng = random.Random(seed)
+    c = Client(sock, export)
+    try:
+        for _ in range(n):
+            if stop is not None and stop.is_set():
+                break
+            offset = rng.randrange(0, size // 4096) * 4096
+            c.write(offset, rng.randbytes(4096))
+        c.flush()
+    finally:
+        c.close()
+
+
+def test_initial_full_sync_under_writes_ends_identical(pair):
+    # An existing VM disk on node a, an empty one on node b.
+    pair.data_file(pair.a).parent.mkdir(parents=True, exist_ok=True)
+    pair.data_file(pair.a).write_bytes(os.urandom(pair.size))
+    pair.start()
+    pair.wait(pair.connected, what="connection")
+    pair.a.ctl("primary", pair.resource, "--force")
+    stop = threading.Event()
+    writer = threading.Thread(target=random_writes, args=(pair.a.nbd_socket(pair.resource),
+                              f"{pair.resource}/disk0", pair.size, 2000, 1, stop))
+    writer.start()
+    pair.wait(pair.in_sync, timeout=120, what="initial sync")
+    stop.set()
+    writer.join()
+    random_writes(pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0", pair.size, 200, 2)
+    pair.wait(pair.in_sync, what="in sync after writes")
+    assert digest(pair.data_file(pair.a)) == digest(pair.data_file(pair.b))
+    st = pair.b.status(pair.resource)
+    assert st["volumes"][0]["generation"]["current"] == \
+        pair.a.status(pair.resource)["volumes"][0]["generation"]["current"]
+
+
+def test_peer_loss_resyncs_only_the_dirty_blocks(pair):
+    pair.start()
+    pair.wait(pair.connected, what="connection")
+    pair.a.ctl("primary", pair.resource, "--force")
+    pair.wait(pair.in_sync, timeout=120, what="initial sync")
+    before = pair.a.status(pair.resource)["stats"]["resync_bytes"]
+    pair.b.kill()
+    sock, export = pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0"
+    c = Client(sock, export)
+    dirty = set()
+    rng = random.Random(7)
+    for _ in range(300):
+        offset = rng.randrange(0, pair.size // 4096) * 4096
+        c.write(offset, rng.randbytes(4096))
+        dirty.add(offset)
+    c.flush()
+    c.close()
+    st = pair.a.status(pair.resource)
+    assert st["connection"] != "Connected"
+    assert st["volumes"][0]["out_of_sync_bytes"] == len(dirty) * 4096
+    pair.b.start()
+    pair.wait(pair.in_sync, timeout=60, what="resync after reconnect")
+    moved = pair.a.status(pair.resource)["stats"]["resync_bytes"] - before
+    assert moved <= 1.2 * len(dirty) * 4096, (moved, len(dirty) * 4096)
+    assert digest(pair.data_file(pair.a)) == digest(pair.data_file(pair.b))
+
+
+def test_role_rules(pair):
+    pair.start()
+    pair.wait(pair.connected, what="connection")
+    refused = pair.b.ctl("primary", pair.resource, check=False)
+    assert not refused["ok"] and "Inconsistent" in refused["error"]
+    pair.a.ctl("primary", pair.resource, "--force")
+    pair.wait(pair.in_sync, timeout=120, what="initial sync")
+    refused = pair.b.ctl("primary", pair.resource, check=False)
+    assert not refused["ok"] and "peer is Primary" in refused["error"]
+    # A planned switchover: demote a, promote b, with no resync.
+    pair.a.ctl("secondary", pair.resource)
+    pair.wait(lambda: pair.b.status(pair.resource)["peer_role"] == "Secondary", what="peer role")
+    pair.b.ctl("primary", pair.resource)
+    assert pair.b.status(pair.resource)["role"] == "Primary"
+    assert pair.in_sync()
+
+
+def test_hostile_peer_input_drops_only_that_connection(pair):
+    import socket
+    import struct
+
+    from tandem.engine import wire
+
+    pair.b.start()                      # b listens; a is not there yet
+    port = int(pair.b.config_dir.joinpath(f"{pair.resource}.toml").read_text()
+               .split('name = "b"\naddress = "127.0.0.1:')[1].split('"')[0])
+    before = digest(pair.data_file(pair.b))
+    hello = {"proto": 1, "resource": "other", "node": "a", "peer": "b", "role": "Primary",
+             "protocol": "C", "volumes": []}
+    attacks = [
+        b"GET / HTTP/1.0\r\n\r\n",
+        struct.pack("<IHHI", wire.MAGIC, 2, 0, 1 << 30),                       # absurd length
+        b"".join(wire.encode_json(wire.T.HELLO, hello)),                      # wrong resource
+        b"".join(wire.encode_json(wire.T.HELLO, {**hello, "resource": pair.resource,
+                                                  "volumes": [{"number": 0}]})),  # malformed
+        b"".join(wire.encode_data(0, 1, 0, b"evil" * 1024, fua=True)),        # data before hello
+    ]
+    for attack in attacks:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(attack)
+            s.settimeout(5)
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    assert pair.b.proc.poll() is None, "tandemd died on hostile input"
+    assert digest(pair.data_file(pair.b)) == before, "hostile input changed the data"
+    assert pair.b.status(pair.resource)["stats"]["protocol_errors"] >= 3
+    pair.a.start()                      # the real peer still gets in
+    pair.wait(pair.connected, what="connection after the attacks")
