@@ -1,0 +1,101 @@
+"""tandemd's control surface: adjust, bad config, events, status fields."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .harness import REPO, Pair, free_port
+
+
+@pytest.fixture
+def pair(tmp_path):
+    p = Pair(tmp_path)
+    yield p
+    p.stop()
+
+
+def test_bad_config_names_file_and_key_and_leaves_resources_running(pair):
+    pair.start()
+    pair.wait(pair.connected, what="connection")
+    good = pair.a.config_dir / f"{pair.resource}.toml"
+    text = good.read_text()
+    good.write_text(text.replace("sync_timeout", "sync_timout") if "sync_timeout" in text
+                    else text.replace("[tunables]", "[tunables]\nsync_timout = 1.0"))
+    reply = pair.a.ctl("adjust", check=False)
+    assert not reply["ok"]
+    assert str(good) in reply["error"] and "sync_timout" in reply["error"]
+    assert "did you mean 'sync_timeout'" in reply["error"]
+    # The running resource is untouched and still connected.
+    assert pair.a.status(pair.resource)["connection"] == "Connected"
+    good.write_text(text)
+    assert pair.a.ctl("adjust")["changed"] is False
+
+
+def test_adjust_is_idempotent_and_dry_run_changes_nothing(pair, tmp_path):
+    pair.start()
+    extra = pair.a.config_dir / "vm2.toml"
+    text = (pair.a.config_dir / f"{pair.resource}.toml").read_text()
+    text = text.replace(f'resource = "{pair.resource}"', 'resource = "vm2"')
+    text = text.replace(f"{pair.resource}/disk", "vm2/disk").replace("disk0.img", "vm2-disk0.img")
+    # The second resource gets its own replication ports.
+    ports = iter([free_port(), free_port()])
+    text = re.sub(r'address = "127\.0\.0\.1:\d+"', lambda m: f'address = "127.0.0.1:{next(ports)}"', text)
+    extra.write_text(text)
+    plan = pair.a.ctl("adjust", "--dry-run")
+    assert plan["dry_run"] and [a["kind"] for a in plan["actions"]] == ["add-resource"]
+    assert [r["name"] for r in pair.a.ctl("status")["resources"]] == [pair.resource]
+    applied = pair.a.ctl("adjust")
+    assert applied["changed"]
+    assert sorted(r["name"] for r in pair.a.ctl("status")["resources"]) == [pair.resource, "vm2"]
+    assert pair.a.ctl("adjust")["changed"] is False
+    extra.unlink()
+    assert [a["kind"] for a in pair.a.ctl("adjust")["actions"]] == ["remove-resource"]
+    assert [r["name"] for r in pair.a.ctl("status")["resources"]] == [pair.resource]
+
+
+def test_events_stream_state_changes_as_json_lines(pair):
+    pair.start()
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "tandem.engine.ctl", "--socket", pair.a.control,
+                             "events"], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        pair.wait(pair.connected, what="connection")
+        pair.a.ctl("primary", pair.resource, "--force")
+        pair.wait(pair.in_sync, timeout=60, what="sync")
+        time.sleep(0.3)
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=10)
+    events = [json.loads(line) for line in out.splitlines() if line.strip()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "exists"
+    for expected in ("role-changed", "new-generation", "handshake", "sync-started", "sync-finished"):
+        assert expected in kinds, kinds
+    assert all("ts" in e and "resource" in e for e in events)
+    sync = next(e for e in events if e["event"] == "handshake" and e["strategy"] == "source-full")
+    assert sync["rule"] == "just-created-peer"
+
+
+def test_status_reports_what_an_operator_needs(pair):
+    pair.start()
+    pair.wait(pair.connected, what="connection")
+    pair.a.ctl("primary", pair.resource, "--force")
+    pair.wait(pair.in_sync, timeout=60, what="sync")
+    st = pair.a.status(pair.resource)
+    vol = st["volumes"][0]
+    for key in ("disk", "peer_disk", "replication", "out_of_sync_bytes", "in_flight_bytes",
+                "write_latency_us", "generation"):
+        assert key in vol
+    assert (st["role"], st["connection"], vol["disk"], vol["replication"]) == \
+        ("Primary", "Connected", "UpToDate", "Established")
+    human = subprocess.run([sys.executable, "-m", "tandem.engine.ctl", "--socket", pair.a.control,
+                            "status"], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONPATH": str(REPO / "src")}).stdout
+    assert "role:Primary connection:Connected" in human and "disk:UpToDate" in human
