@@ -38,7 +38,7 @@ from .metadata import (
     WAS_UP_TO_DATE,
 )
 from .rangelock import RangeLock
-from .volume import Volume
+from .volume import Volume, run_io, write_batch
 from .wire import T
 
 log = logging.getLogger("tandem.engine.resource")
@@ -53,6 +53,8 @@ OFF, ESTABLISHED, SYNC_SOURCE, SYNC_TARGET = "Off", "Established", "SyncSource",
 
 RESYNC_BLOCK = 1 << 20          # bytes per resync request
 RESYNC_WINDOW = 8               # resync blocks in flight
+APPLY_QUEUE_BYTES = 64 << 20    # received but not yet applied, on the secondary
+APPLY_BATCH = 256               # messages applied per thread hop at most
 
 
 class RoleError(Exception):
@@ -459,7 +461,23 @@ class Resource:
             await self._begin(vs, strategy, pv, received.get(vs.vol.number))
         self._io_open.set()
         self._spawn(self._ping_loop(), "ping")
-        await self._receive_loop(reader)
+        # Receiving and applying run side by side: pings and acks are answered
+        # even while the disk is busy, and writes are applied in batches.
+        self._apply_q = asyncio.Queue()
+        self._queued = 0
+        self._queue_space = asyncio.Condition()
+        receiver = asyncio.ensure_future(self._receive_loop(reader))
+        applier = asyncio.ensure_future(self._apply_loop())
+        try:
+            done, _ = await asyncio.wait({receiver, applier}, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()            # re-raise what ended the session
+        finally:
+            for task in (receiver, applier):
+                task.cancel()
+            for task in (receiver, applier):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
 
     async def _begin(self, vs: VolumeState, strategy: str, pv: dict, peer_bitmap) -> None:
         from .bitmap import Bitmap
@@ -493,26 +511,19 @@ class Resource:
         while True:
             msg = await wire.read_message(reader)
             t = msg.type
-            if t == T.DATA:
+            if t in (T.DATA, T.RS_DATA):
                 wire.check_range(msg, sizes)
                 if self.role == "Primary":
-                    raise wire.ProtocolError("DATA sent to a Primary")
-                await self._apply(msg.volume, msg.offset, msg.data, bool(msg.flags & wire.FLAG_FUA))
-                self._send(wire.encode_u64(T.WRITE_ACK, msg.seq))
+                    raise wire.ProtocolError(f"{t.name} sent to a Primary")
+                await self._enqueue(msg, len(msg.data))
+            elif t in (T.FLUSH, T.STATE):
+                await self._enqueue(msg, 0)       # ordered after the writes before it
             elif t == T.WRITE_ACK:
                 entry = self._pending.pop(msg.seq, None)
                 if entry is None:
                     raise wire.ProtocolError(f"WRITE_ACK for unknown write {msg.seq}")
                 if not entry[0].done():
                     entry[0].set_result(None)
-            elif t == T.RS_DATA:
-                wire.check_range(msg, sizes)
-                vs = self.vols[msg.volume]
-                if vs.repl != SYNC_TARGET:
-                    raise wire.ProtocolError("RS_DATA outside a resync")
-                await self._apply(msg.volume, msg.offset, msg.data, False)
-                vs.vol.bitmap.clear_range(msg.offset, msg.length)
-                self._send(wire.encode_rs_ack(msg.volume, msg.offset, msg.length))
             elif t == T.RS_ACK:
                 wire.check_range(msg, sizes)
                 vs = self.vols[msg.volume]
@@ -522,11 +533,6 @@ class Resource:
                 vs.rs_inflight.discard(key)
                 vs.vol.bitmap.clear_range(msg.offset, msg.length)
                 self.stats["resync_bytes"] += msg.length
-            elif t == T.FLUSH:
-                for vs in self.vols:
-                    await vs.vol.flush()
-                self._send(wire.encode_u64(T.FLUSH_ACK, msg.seq))
-                await self._settle_al()
             elif t in (T.FLUSH_ACK, T.PING_ACK):
                 futs = self._flushes if t == T.FLUSH_ACK else self._pings
                 fut = futs.pop(msg.seq, None)
@@ -534,10 +540,70 @@ class Resource:
                     fut.set_result(None)
             elif t == T.PING:
                 self._send(wire.encode_u64(T.PING_ACK, msg.seq))
-            elif t == T.STATE:
-                await self._on_state(msg.body)
             else:
                 raise wire.ProtocolError(f"unexpected {t.name} after the handshake")
+
+    async def _enqueue(self, msg, nbytes: int) -> None:
+        async with self._queue_space:
+            await self._queue_space.wait_for(lambda: self._queued < APPLY_QUEUE_BYTES)
+            self._queued += nbytes
+        self._apply_q.put_nowait(msg)
+
+    async def _apply_loop(self) -> None:
+        """Apply received writes strictly in arrival order (write-order fidelity)."""
+        while True:
+            batch = [await self._apply_q.get()]
+            while len(batch) < APPLY_BATCH and not self._apply_q.empty():
+                batch.append(self._apply_q.get_nowait())
+            i = 0
+            while i < len(batch):
+                if batch[i].type in (T.DATA, T.RS_DATA):
+                    j = i
+                    while j < len(batch) and batch[j].type in (T.DATA, T.RS_DATA):
+                        j += 1
+                    await self._apply_writes(batch[i:j])
+                    i = j
+                    continue
+                msg = batch[i]
+                if msg.type == T.FLUSH:
+                    for vs in self.vols:
+                        await vs.vol.flush()
+                    self._send(wire.encode_u64(T.FLUSH_ACK, msg.seq))
+                    await self._settle_al()
+                else:
+                    await self._on_state(msg.body)
+                i += 1
+            freed = sum(len(m.data) for m in batch)
+            async with self._queue_space:
+                self._queued -= freed
+                self._queue_space.notify_all()
+
+    async def _apply_writes(self, msgs) -> None:
+        for m in msgs:
+            if m.type == T.RS_DATA and self.vols[m.volume].repl != SYNC_TARGET:
+                raise wire.ProtocolError("RS_DATA outside a resync")
+        held = []
+        try:
+            for m in msgs:
+                await self.vols[m.volume].vol.al.acquire(m.offset, m.length)
+                held.append(m)
+            sync = {self.vols[m.volume].vol.fd for m in msgs
+                    if m.type == T.DATA and m.flags & wire.FLAG_FUA}
+            await run_io(write_batch, [(self.vols[m.volume].vol.fd, m.offset, m.data) for m in msgs],
+                         sorted(sync))
+        finally:
+            for m in held:
+                await self.vols[m.volume].vol.al.release(m.offset, m.length)
+        acks = []
+        for m in msgs:
+            vol = self.vols[m.volume].vol
+            vol.bytes_written += m.length
+            if m.type == T.DATA:
+                acks += wire.encode_u64(T.WRITE_ACK, m.seq)
+            else:
+                vol.bitmap.clear_range(m.offset, m.length)
+                acks += wire.encode_rs_ack(m.volume, m.offset, m.length)
+        self._send(acks)
 
     async def _settle_al(self) -> None:
         """After a flush on the secondary, shrink its AL (at most once a second).
@@ -551,14 +617,6 @@ class Resource:
         self._al_settled = now
         for vs in self.vols:
             await vs.vol.al.settle()
-
-    async def _apply(self, number: int, offset: int, data: bytes, fua: bool) -> None:
-        vol = self.vols[number].vol
-        await vol.al.acquire(offset, len(data))
-        try:
-            await vol.pwrite(offset, data, durable=fua)
-        finally:
-            await vol.al.release(offset, len(data))
 
     async def _on_state(self, body: dict) -> None:
         if "role" in body:

@@ -28,6 +28,20 @@ def backing_size(fd: int) -> int:
     return st.st_size
 
 
+def write_batch(writes, sync_fds) -> None:
+    """Apply (fd, offset, data) writes in order, then fdatasync the given fds.
+
+    One thread hop for a whole batch of replicated writes: the secondary's
+    throughput no longer pays a pool round trip per write.
+    """
+    for fd, offset, data in writes:
+        view, done = memoryview(data), 0
+        while done < len(data):
+            done += os.pwrite(fd, view[done:], offset + done)
+    for fd in sync_fds:
+        os.fdatasync(fd)
+
+
 class Volume:
     def __init__(self, number: int, path: str, size: int, md: MetadataFile, fd: int):
         self.number, self.path, self.size, self.md, self.fd = number, path, size, md, fd
