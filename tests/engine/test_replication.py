@@ -38,7 +38,16 @@ def random_writes(sock: str, export: str, size: int, n: int, seed: int, stop: th
         c.close()
 
 
-def test_initial_full_sync_under_writes_ends_identical(pair):
+@pytest.mark.parametrize("protocol", ["C", "A"])
+def test_initial_full_sync_under_writes_ends_identical(tmp_path, protocol):
+    pair = Pair(tmp_path, protocol=protocol)
+    try:
+        _full_sync_under_writes(pair)
+    finally:
+        pair.stop()
+
+
+def _full_sync_under_writes(pair):
     # An existing VM disk on node a, an empty one on node b.
     pair.data_file(pair.a).parent.mkdir(parents=True, exist_ok=True)
     pair.data_file(pair.a).write_bytes(os.urandom(pair.size))
