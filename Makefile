@@ -9,6 +9,10 @@
 
 include mk/toolchain.mk
 include mk/lab.mk
+include mk/bench.mk
+
+# bench's recipe is in mk/bench.mk; it needs fio/nbdkit and the venv.
+bench: engine-deps $(VENV_STAMP)
 
 .PHONY: help test test-lab test-engine engine-deps soak molecule demo demo-down clean
 
