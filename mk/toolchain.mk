@@ -43,7 +43,7 @@ PYTEST_ARGS ?=
 # ci/sanity.sh) and the stdlib-only engine package (src/, its tests), which ruff and pytest
 # check: Ansible's pylint rules for plugin code do not apply to it.
 # `make sanity SANITY_EXCLUDE=` checks everything.
-SANITY_EXCLUDE ?= lab/ tests/lab/ src/ tests/engine/ tests/unit/test_engine_ tests/unit/test_nbd_
+SANITY_EXCLUDE ?= lab/ tests/lab/ src/ tests/engine/ tests/unit/test_engine_ tests/unit/test_nbd_ benchmarks/
 
 # Python trees that ruff checks (only those that exist: ruff errors on missing paths).
 RUFF_PATHS = $(wildcard src tests lab plugins ci)
