@@ -41,6 +41,9 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from tandem.engine import ctl  # noqa: E402  (the repo's own tandemctl client)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO / "benchmarks" / "results"
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -313,17 +316,7 @@ class Node:
 
     def request(self, req: dict, timeout: float = 60) -> dict:
         """One control request (what tandemctl sends), without a Python start-up per poll."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(timeout)
-            s.connect(self.control)
-            s.sendall(json.dumps(req).encode() + b"\n")
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                buf += chunk
-        return json.loads(buf)
+        return ctl.request(self.control, req, timeout)
 
     def status(self) -> dict:
         reply = self.request({"cmd": "status", "resource": RESOURCE})
