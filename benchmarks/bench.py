@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import signal
@@ -272,14 +273,14 @@ def make_backing(path: Path, size: int, mode: str) -> None:
 class Node:
     """One tandemd with its own config, state, run and data directories (cf. tests/engine/harness.py)."""
 
-    def __init__(self, spawn, root: Path, name: str, python: str):
+    def __init__(self, spawn, root: Path, name: str, python: str, src: Path):
         self.spawn, self.name, self.python = spawn, name, python
         self.root = root / name
         for d in ("etc", "state", "run", "data"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "tandemd.log"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        self.env = {**os.environ, "PYTHONPATH": str(src)}
 
     @property
     def control(self) -> str:
@@ -338,9 +339,14 @@ class Node:
 class Target:
     key = ""
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, variant: str | None = None, src: Path | None = None):
         self.ctx = ctx
-        self.letter, self.title = TARGETS[self.key]
+        self.base = type(self).key
+        self.letter, self.title = TARGETS[self.base]
+        self.variant, self.src = variant, src or REPO / "src"
+        if variant is not None:         # the same target, running another engine tree (--compare)
+            self.key = f"{self.base}@{variant}"
+            self.letter, self.title = f"{self.letter}@{variant}", f"{self.title} [src: {self.src}]"
         self.dir = ctx.workdir / self.key
         self.uri = ""
         self.pids: dict[str, int] = {}          # role -> pid, for CPU accounting and profiling
@@ -393,6 +399,7 @@ class Target:
 
     def describe(self) -> dict:
         return {"letter": self.letter, "title": self.title, "uri": self.uri, "pids": self.pids,
+                "src": str(self.src), "src_sha256": src_digest(self.src),
                 "generations": self.generation, "disabled": self.disabled}
 
 
@@ -415,7 +422,7 @@ class RunnerTarget(Target):
     def setup(self) -> None:
         img, sock, log = self.dir / "disk.img", str(self.dir / "nbd.sock"), self.dir / "runner.log"
         make_backing(img, self.ctx.size, self.ctx.prealloc)
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        env = {**os.environ, "PYTHONPATH": str(self.src)}
         argv = [self.ctx.python, "-m", "tandem.engine.nbd", "--file", str(img), "--socket", sock,
                 "--log-level", "WARNING"]
         proc = self.spawn("nbd-runner", argv, log, env=env)
@@ -428,7 +435,7 @@ class StandaloneTarget(Target):
     key = "standalone"
 
     def setup(self) -> None:
-        node = self.node = Node(self.spawn, self.dir, "a", self.ctx.python)
+        node = self.node = Node(self.spawn, self.dir, "a", self.ctx.python, self.src)
         # Node b exists in the configuration only: nothing listens on its port.
         ports = {"a": free_port(), "b": free_port()}
         node.write_config("C", ports, self.ctx.size, self.ctx.tunables)
@@ -454,8 +461,8 @@ class PairTarget(Target):
     protocol = "C"
 
     def setup(self) -> None:
-        a = self.a = Node(self.spawn, self.dir, "a", self.ctx.python)
-        b = self.b = Node(self.spawn, self.dir, "b", self.ctx.python)
+        a = self.a = Node(self.spawn, self.dir, "a", self.ctx.python, self.src)
+        b = self.b = Node(self.spawn, self.dir, "b", self.ctx.python, self.src)
         ports = {"a": free_port(), "b": free_port()}
         for node in (a, b):
             node.write_config(self.protocol, ports, self.ctx.size, self.ctx.tunables)
@@ -517,6 +524,7 @@ class ProtoATarget(PairTarget):
     key, protocol = "proto-a", "A"
 
 
+ENGINE_TARGETS = ("standalone", "proto-c", "proto-a", "nbd-runner")
 TARGET_CLASSES = {cls.key: cls for cls in (NbdkitTarget, StandaloneTarget, ProtoCTarget, ProtoATarget,
                                             RunnerTarget)}
 
@@ -837,7 +845,7 @@ def markdown(summary: dict, checks: list[dict], records: list[dict], meta: dict)
     for wl in meta["workloads"]:
         for t in meta["targets"]:
             s = summary.get(wl, {}).get(t)
-            letter = TARGETS[t][0]
+            letter = meta["labels"][t][0]
             if not s:
                 lines.append(f"| {wl} | ({letter}) {t} | – | – | – | – | – | – | – | – | – | 0 |")
                 continue
@@ -885,7 +893,21 @@ def markdown(summary: dict, checks: list[dict], records: list[dict], meta: dict)
         lines += ["", f"**{len(bad)} run(s) invalid and excluded from the medians:**"]
         lines += [f"- round {r['round'] + 1} {r['workload']} {r['target']}: {r['invalid_reason']}"
                   for r in bad]
-    lines += ["", "Targets: " + "; ".join(f"({TARGETS[t][0]}) {t} = {TARGETS[t][1]}"
+    variants = [t for t in meta["targets"] if "@" in t]
+    if variants:
+        lines += ["", "Variants (--compare) against the same target on this tree, IOPS ratio "
+                  "(per-round) and clat mean difference:"]
+        for t in variants:
+            base = t.split("@", 1)[0]
+            cells = []
+            for wl in meta["workloads"]:
+                sv, sb = summary.get(wl, {}).get(t), summary.get(wl, {}).get(base)
+                if sv and sb and sb["iops"]:
+                    pr = ", ".join(f"{v:.2f}" for v in per_round_ratio(records, t, base, wl))
+                    cells.append(f"{wl} {sv['iops'] / sb['iops']:.2f}× ({pr}), "
+                                 f"{sv['clat_mean_us'] - sb['clat_mean_us']:+.0f} µs")
+            lines.append(f"- {t} vs {base}: " + "; ".join(cells))
+    lines += ["", "Targets: " + "; ".join(f"({meta['labels'][t][0]}) {t} = {meta['labels'][t][1]}"
                                         for t in meta["targets"])]
     return "\n".join(lines)
 
@@ -894,12 +916,17 @@ def git_info() -> dict:
     def git(*a):
         p = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
         return p.stdout.strip() if p.returncode == 0 else None
-    digest = hashlib.sha256()
-    for f in sorted((REPO / "src" / "tandem").rglob("*.py")):
-        digest.update(f.relative_to(REPO).as_posix().encode() + b"\0" + f.read_bytes())
     return {"commit": git("rev-parse", "HEAD") or "?",
             "dirty": bool(git("status", "--porcelain", "--", "src")),
-            "src_sha256": digest.hexdigest()}
+            "src_sha256": src_digest(REPO / "src")}
+
+
+def src_digest(src: Path) -> str:
+    """sha256 over the engine's Python files (names and contents) under a src/ tree."""
+    digest = hashlib.sha256()
+    for f in sorted((src / "tandem").rglob("*.py")):
+        digest.update(f.relative_to(src).as_posix().encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
 
 
 def log(msg: str) -> None:
@@ -942,6 +969,11 @@ def parse_args(argv=None):
                    help="parent of the temporary directory (default /var/tmp; "
                         "keep it on the disk you mean to measure)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, fio JSON)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME=SRC",
+                   help="also run every selected engine target (b-e) from another engine tree SRC "
+                        "(a src/ directory holding tandem/engine, e.g. of a git worktree), as target "
+                        "KEY@NAME, interleaved with the others: A/B a change in one invocation. "
+                        "Repeatable")
     p.add_argument("--max-restarts", type=int, default=2,
                    help="set a target up again at most this often when its server dies (default 2)")
     p.add_argument("--output", default=None,
@@ -971,6 +1003,18 @@ def parse_args(argv=None):
             p.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
     if args.runs < 1:
         p.error("--runs must be >= 1")
+    compare = []
+    for spec in args.compare:
+        name, sep, src = spec.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            p.error(f"--compare wants NAME=SRC with a simple NAME, got {spec!r}")
+        src_path = Path(src).resolve()
+        if not (src_path / "tandem" / "engine" / "daemon.py").is_file():
+            p.error(f"--compare {name}: {src_path} holds no tandem/engine/daemon.py")
+        compare.append((name, src_path))
+    if len({n for n, _ in compare}) != len(compare):
+        p.error("--compare names must be unique")
+    args.compare = compare
     if args.size < 16 * MiB or args.size % (4 * KiB):
         p.error("--size must be a multiple of 4 KiB and at least 16 MiB")
     if args.fio_size > args.size:
@@ -1010,12 +1054,13 @@ def main(argv=None) -> int:
         ctx = Context(args, workdir, procs)
         log(f"bench: work directory {workdir}")
         for key in args.targets:
-            log(f"bench: setting up ({TARGETS[key][0]}) {key}: {TARGETS[key][1]}")
-            t0 = time.monotonic()
-            target = TARGET_CLASSES[key](ctx)
-            target.start()
-            targets.append(target)
-            log(f"  ready in {time.monotonic() - t0:.1f} s: {target.uri}")
+            for variant, src in [(None, None)] + (args.compare if key in ENGINE_TARGETS else []):
+                target = TARGET_CLASSES[key](ctx, variant, src)
+                log(f"bench: setting up ({target.letter}) {target.key}: {target.title}")
+                t0 = time.monotonic()
+                target.start()
+                targets.append(target)
+                log(f"  ready in {time.monotonic() - t0:.1f} s: {target.uri}")
         if args.warmup:
             log("bench: warm-up (one sequential pass per target, not recorded)")
             for target in targets:
@@ -1045,7 +1090,8 @@ def main(argv=None) -> int:
             "timestamp": stamp, "runs": args.runs, "runtime": args.runtime, "ramp": args.ramp,
             "size": args.size, "fio_size": args.fio_size or args.size, "prealloc": args.prealloc,
             "warmup": args.warmup, "sync_between": args.sync_between, "pause": args.pause,
-            "targets": args.targets, "workloads": args.workloads, "versions": versions,
+            "targets": [t.key for t in targets], "workloads": args.workloads, "versions": versions,
+            "labels": {t.key: (t.letter, t.title) for t in targets},
             "git": git_start, "tunables": ctx.tunables,
             "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "machine": platform.machine(),
                      "loadavg_end": os.getloadavg(), "workdir": args.workdir},
