@@ -9,7 +9,7 @@
 #            BENCH_PYTHON interpreter that runs the benchmark and the daemons (.venv/bin/python)
 #
 # Needs fio with its nbd engine and nbdkit (Debian: apt-get install fio nbdkit).
-# Takes about 15 minutes with the defaults (3 runs x 3 workloads x 5 targets).
+# Takes about 12 minutes with the defaults (3 runs x 3 workloads x 5 targets).
 
 ifndef TANDEM_BENCH_MK
 TANDEM_BENCH_MK := 1
