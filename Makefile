@@ -43,15 +43,7 @@ soak: engine-deps $(VENV_STAMP)
 	TANDEM_KILL_ITERATIONS=$${TANDEM_KILL_ITERATIONS:-500} '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/engine/test_kill.py
 
 engine-deps:
-	@missing=""; for p in $(ENGINE_TEST_PACKAGES); do \
-	    dpkg-query -W -f '$${Status}' "$$p" 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	    echo "engine tests: installing$$missing"; \
-	    apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-	        -o DPkg::Lock::Timeout=600 $$missing >/dev/null; \
-	fi
+	@APT_EXTRA=--no-install-recommends bash ci/apt-ensure.sh 'engine tests' $(ENGINE_TEST_PACKAGES)
 
 test-lab: lab-deps collections
 	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \

@@ -14,14 +14,7 @@ LAB_CACHE ?= /var/cache/tandem-lab
 
 lab-deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "the lab needs root" >&2; exit 1; fi
-	@missing=""; for p in $(LAB_HOST_PACKAGES); do \
-	    dpkg-query -W -f '$${Status}' "$$p" 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-	    echo "lab: installing$$missing"; \
-	    apt-get update -q -o DPkg::Lock::Timeout=600 >/dev/null && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q -o DPkg::Lock::Timeout=600 $$missing >/dev/null; \
-	fi
+	@bash ci/apt-ensure.sh lab $(LAB_HOST_PACKAGES)
 
 lab-up: lab-deps
 	$(LABCTL) up

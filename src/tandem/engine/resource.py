@@ -202,7 +202,7 @@ class Resource:
     async def demote(self) -> None:
         if self.role == "Secondary":
             return
-        inflight = sum(1 for _ in self._pending)
+        inflight = len(self._pending)
         if inflight:
             raise RoleError(f"{self.name}: {inflight} writes are still in flight")
         for vs in self.vols:

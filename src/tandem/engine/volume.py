@@ -105,11 +105,7 @@ class Volume:
         self.bytes_written += len(data)
 
     def _pwrite(self, offset: int, data: bytes, durable: bool) -> None:
-        view, done = memoryview(data), 0
-        while done < len(data):
-            done += os.pwrite(self.fd, view[done:], offset + done)
-        if durable:
-            os.fdatasync(self.fd)
+        write_batch([(self.fd, offset, data)], [self.fd] if durable else [])
 
     async def flush(self) -> None:
         await run_io(os.fdatasync, self.fd)
