@@ -71,6 +71,10 @@ def _compare(me: Side, peer: Side) -> tuple[str, str]:
         return SOURCE_FULL, "just-created-peer"
     if s == p:
         return _same_generation(me, peer)
+    if s == peer.bitmap and me.bitmap == p:
+        # Each side claims to have moved on from the other's current generation:
+        # impossible in one history, so neither may overwrite the other.
+        return SPLIT_BRAIN, "bitmap-cross"
     if s == peer.bitmap:
         return TARGET_BITMAP, "bitmap-peer"
     if me.bitmap == p:
