@@ -31,11 +31,11 @@ def test_first_write_to_an_extent_costs_one_transaction(md):
     async def go():
         al = ActivityLog(md, run_io=direct)
         await al.acquire(0, 4096)
-        await al.release(0, 4096)
+        al.release(0, 4096)
         await al.acquire(4096, 4096)            # same extent: no new transaction
-        await al.release(4096, 4096)
+        al.release(4096, 4096)
         await al.acquire(EXTENT_SIZE - 10, 20)  # spans extents 0 and 1
-        await al.release(EXTENT_SIZE - 10, 20)
+        al.release(EXTENT_SIZE - 10, 20)
         return al
     al = run(go())
     assert al.transactions == 2
@@ -55,10 +55,10 @@ def test_eviction_persists_the_bitmap_before_dropping_an_extent(tmp_path):
         for e in range(67):
             await al.acquire(e * EXTENT_SIZE, 4096)
             md.bitmap.set_range(e * EXTENT_SIZE, 4096)   # the peer is away: track it
-            await al.release(e * EXTENT_SIZE, 4096)
+            al.release(e * EXTENT_SIZE, 4096)
         order.clear()
         await al.acquire(67 * EXTENT_SIZE, 4096)          # evicts extent 0
-        await al.release(67 * EXTENT_SIZE, 4096)
+        al.release(67 * EXTENT_SIZE, 4096)
         return al
     al = run(go())
     assert order == ["write_bitmap_pages", "write_al"]
@@ -79,7 +79,7 @@ def test_busy_extents_are_never_evicted(md):
         waiter = asyncio.ensure_future(al.acquire(67 * EXTENT_SIZE, 4096))
         await asyncio.sleep(0.01)
         assert not waiter.done()                        # must wait for a slot
-        await al.release(5 * EXTENT_SIZE, 4096)
+        al.release(5 * EXTENT_SIZE, 4096)
         await asyncio.wait_for(waiter, 1)
         return al
     al = run(go())
@@ -93,7 +93,7 @@ def test_clean_shutdown_empties_the_log(md):
         await al.acquire(0, 4096)
         with pytest.raises(RuntimeError):
             await al.clean_shutdown()
-        await al.release(0, 4096)
+        al.release(0, 4096)
         await al.clean_shutdown()
     run(go())
     assert md.read_al() == []

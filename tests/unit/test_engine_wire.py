@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 
 import pytest
@@ -11,16 +12,41 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.engine import wire
+from tandem.engine.link import BIG, Link, LinkClosed
 from tandem.engine.wire import ProtocolError, T
 
 
-def decode(raw: bytes) -> wire.Message:
+def decode_all(pieces: list[bytes]) -> list[wire.Message]:
+    """What a real Link makes of these bytes, sent in these pieces over a socket pair.
+
+    Raises the ProtocolError that ended the link, if one did.
+    """
     async def go():
-        reader = asyncio.StreamReader()
-        reader.feed_data(raw)
-        reader.feed_eof()
-        return await wire.read_message(reader)
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        _, link = await loop.create_connection(Link, sock=ours)
+        for piece in pieces:
+            await loop.sock_sendall(theirs, piece)
+            await asyncio.sleep(0.001)         # let the link take each piece on its own
+        theirs.shutdown(socket.SHUT_WR)
+        msgs = []
+        try:
+            while True:
+                msgs.append(await link.read_message(5))
+        except LinkClosed:
+            return msgs
+        finally:
+            link.close()
+            theirs.close()
     return asyncio.run(go())
+
+
+def decode(raw: bytes) -> wire.Message:
+    msgs = decode_all([raw])
+    if not msgs:
+        raise LinkClosed("incomplete")
+    return msgs[0]
 
 
 def test_round_trips():
@@ -62,7 +88,7 @@ def test_range_checks():
 def test_random_bytes_never_crash_the_decoder(raw):
     try:
         msg = decode(raw)
-    except (ProtocolError, asyncio.IncompleteReadError):
+    except (ProtocolError, LinkClosed):
         return
     assert isinstance(msg, wire.Message)
 
@@ -71,5 +97,35 @@ def test_random_bytes_never_crash_the_decoder(raw):
 @given(t=st.sampled_from(list(T)), flags=st.integers(0, 3), payload=st.binary(max_size=64))
 def test_well_framed_garbage_is_rejected_or_decoded(t, flags, payload):
     raw = struct.pack("<IHHI", wire.MAGIC, t, flags, len(payload)) + payload
-    with contextlib.suppress(ProtocolError):
+    with contextlib.suppress(ProtocolError, LinkClosed):
         decode(raw)
+
+
+def _stream() -> tuple[bytes, list[tuple]]:
+    """Small and big messages back to back, and what each must decode to."""
+    big = bytes(range(256)) * ((BIG + 5000) // 256)
+    parts = [wire.encode_data(0, 1, 0, b"a" * 4096, fua=False),
+             wire.encode_rs_data(1, 1 << 20, big),
+             wire.encode_u64(T.WRITE_ACK, 7),
+             wire.encode_data(0, 2, 8192, big[:BIG + 1], fua=True),
+             wire.encode_json(T.STATE, {"role": "Primary"})]
+    expect = [(T.DATA, 0, 0, b"a" * 4096), (T.RS_DATA, 1, 1 << 20, big), (T.WRITE_ACK, 0, 0, b""),
+              (T.DATA, 0, 8192, big[:BIG + 1]), (T.STATE, 0, 0, b"")]
+    return b"".join(b"".join(p) for p in parts), expect
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=3 * BIG), max_size=12))
+def test_any_split_of_the_stream_decodes_the_same(cuts):
+    raw, expect = _stream()
+    points = sorted({c for c in cuts if c < len(raw)})
+    pieces = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    msgs = decode_all(pieces)
+    assert [(m.type, m.volume, m.offset, bytes(m.data)) for m in msgs] == expect
+    assert msgs[3].flags == wire.FLAG_FUA and msgs[4].body == {"role": "Primary"}
+
+
+def test_garbage_after_good_messages_ends_the_link():
+    raw, _ = _stream()
+    with pytest.raises(ProtocolError, match="bad magic"):
+        decode_all([raw, b"\0" * 64])

@@ -12,7 +12,10 @@ After a crash, `MetadataFile.apply_al()` turns the AL into bitmap bits, so the
 resync is bounded by al_extents × 4 MiB rather than the whole volume.
 
 An extent stays referenced until the write is settled for the peer (acked,
-or recorded in the bitmap); callers pair `acquire` with `release`.
+or recorded in the bitmap); callers pair `acquire` (or a successful
+`try_acquire`) with `release`. Both fast paths are synchronous: a write to a
+hot extent costs a few dict operations, and nothing awaits unless the log
+has to change.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ class ActivityLog:
         # extent -> number of writes holding it, least recently used first.
         self._active: OrderedDict[int, int] = OrderedDict((e, 0) for e in md.read_al())
         self._lock = asyncio.Lock()
-        self._released = asyncio.Condition()
+        self._released: list[asyncio.Future] = []     # _activate waiting for a free slot
         self._run_io = run_io or _to_thread
         self.transactions = 0
 
@@ -43,6 +46,18 @@ class ActivityLog:
     @property
     def active(self) -> list[int]:
         return list(self._active)
+
+    def try_acquire(self, offset: int, length: int) -> bool:
+        """Reference the extents if all are active already; False means call `acquire`."""
+        active = self._active
+        wanted = self.extents(offset, length)
+        for e in wanted:
+            if e not in active:
+                return False
+        for e in wanted:
+            active[e] += 1
+            active.move_to_end(e)
+        return True
 
     async def acquire(self, offset: int, length: int) -> None:
         wanted = self.extents(offset, length)
@@ -55,11 +70,15 @@ class ActivityLog:
             self._active[e] += 1
             self._active.move_to_end(e)
 
-    async def release(self, offset: int, length: int) -> None:
-        async with self._released:
-            for e in self.extents(offset, length):
-                self._active[e] -= 1
-            self._released.notify_all()
+    def release(self, offset: int, length: int) -> None:
+        active = self._active
+        for e in self.extents(offset, length):
+            active[e] -= 1
+        if self._released:
+            waiters, self._released = self._released, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def _activate(self, wanted: range) -> None:
         missing = [e for e in wanted if e not in self._active]
@@ -70,8 +89,10 @@ class ActivityLog:
             idle = [e for e, refs in self._active.items() if refs == 0 and e not in wanted]
             if overflow <= len(idle):
                 break
-            async with self._released:   # every slot busy: wait for a write to finish
-                await self._released.wait()
+            # every slot busy: wait for a write to finish
+            fut = asyncio.get_running_loop().create_future()
+            self._released.append(fut)
+            await fut
         victims = idle[:max(overflow, 0)]
         # Forget the victims *before* any await: a write arriving meanwhile for
         # one of them must queue behind this transaction, not count on it.

@@ -21,6 +21,7 @@ see docs/engine.md for why this replaces DRBD's epochs for now).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -29,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import handshake, wire
+from .link import Link, connect, listen
 from .metadata import (
     CONSISTENT,
     CRASHED_PRIMARY,
@@ -38,7 +40,7 @@ from .metadata import (
     WAS_UP_TO_DATE,
 )
 from .rangelock import RangeLock
-from .volume import Volume, run_io, write_batch
+from .volume import INLINE, Volume, run_io, write_batch
 from .wire import T
 
 log = logging.getLogger("tandem.engine.resource")
@@ -88,12 +90,13 @@ class Resource:
         self.vols: list[VolumeState] = []
         self.locks: list[RangeLock] = []
         self._emit = emit or (lambda event: None)
-        self._writer: asyncio.StreamWriter | None = None
+        self._link: Link | None = None         # set while connected
         self._session_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.Server | None = None
         self._seq = 0
-        self._pending: dict[int, tuple[asyncio.Future, int, int, int]] = {}  # seq -> fut, vol, off, len
+        # Replicated writes not yet acknowledged, in seq order: (seq, fut, vol, off, len).
+        self._pending: collections.deque[tuple[int, asyncio.Future, int, int, int]] = collections.deque()
         self._flushes: dict[int, asyncio.Future] = {}
         self._pings: dict[int, asyncio.Future] = {}
         self._gi_lock = asyncio.Lock()
@@ -104,8 +107,8 @@ class Resource:
         self._io_open = asyncio.Event()
         self._io_open.set()
         self._writes_deciding = 0
-        self._writes_idle = asyncio.Condition()
-        self._accepted: asyncio.Queue = asyncio.Queue(maxsize=1)
+        self._writes_idle: list[asyncio.Future] = []
+        self._accepted: asyncio.Queue = asyncio.Queue(maxsize=4)
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "resync_bytes": 0,
                       "connects": 0, "protocol_errors": 0}
 
@@ -131,7 +134,7 @@ class Resource:
         if not self._dialer:
             # Only the side that waits for the peer listens.
             local = self.cfg.local
-            self._server = await asyncio.start_server(self._on_accept, local.host, local.port)
+            self._server = await listen(local.host, local.port, self._on_accept, self._link_failed)
         self._spawn(self._connect_loop(), "connect")
         self._event("started", conn=self.conn)
 
@@ -216,7 +219,7 @@ class Resource:
     # -- application I/O (the NBD exports call these) --------------------------------
 
     def replicating(self, vs: VolumeState) -> bool:
-        return (self.conn == CONNECTED and self._writer is not None
+        return (self.conn == CONNECTED and self._link is not None
                 and vs.repl in (ESTABLISHED, SYNC_SOURCE))
 
     async def read(self, number: int, offset: int, length: int) -> bytes:
@@ -224,51 +227,65 @@ class Resource:
         return await self.vols[number].vol.pread(offset, length)
 
     async def write(self, number: int, offset: int, data: bytes, fua: bool) -> None:
+        # Every step has a synchronous fast path: a write that waits for nothing
+        # but the disk (and, in protocol C, the peer) never yields elsewhere.
         if self.role != "Primary":
             raise PermissionError("not Primary")
         vs = self.vols[number]
         t0 = time.monotonic()
         length = len(data)
-        await vs.vol.al.acquire(offset, length)
+        al = vs.vol.al
+        if not al.try_acquire(offset, length):
+            await al.acquire(offset, length)
         fut = None
-        await self._io_open.wait()
-        self._writes_deciding += 1
         try:
-            async with self.locks[number].hold(offset, length):
-                if self.replicating(vs):
-                    self._seq += 1
-                    seq = self._seq
-                    fut = asyncio.get_running_loop().create_future()
-                    self._pending[seq] = (fut, number, offset, length)
-                    self._send(wire.encode_data(number, seq, offset, data, fua))
-                else:
-                    await self._diverge(vs, offset, length)
-                await vs.vol.pwrite(offset, data, durable=fua)
-        except BaseException:
-            await self._settle_later(vs, fut, offset, length)
-            raise
-        finally:
-            async with self._writes_idle:
+            while not self._io_open.is_set():
+                await self._io_open.wait()
+            # No await between the check above and this: the handshake waits for it.
+            self._writes_deciding += 1
+            try:
+                lock = self.locks[number]
+                hold = lock.try_shared(offset, length) or await lock.acquire(offset, length)
+                try:
+                    if self.replicating(vs):
+                        self._seq += 1
+                        fut = asyncio.get_running_loop().create_future()
+                        self._pending.append((self._seq, fut, number, offset, length))
+                        self._send(wire.encode_data(number, self._seq, offset, data, fua))
+                    else:
+                        # A write the peer will not see: record it, new generation once.
+                        if vs.vol.md.sb.bitmap_gi == 0:
+                            await self._new_generation(vs)
+                        vs.vol.bitmap.set_range(offset, length)
+                    await vs.vol.pwrite(offset, data, durable=fua)
+                finally:
+                    lock.release(hold)
+            finally:
                 self._writes_deciding -= 1
-                self._writes_idle.notify_all()
+                if not self._writes_deciding and self._writes_idle:
+                    _wake_all(self._writes_idle)
+        except BaseException:
+            self._settle(vs, fut, offset, length)
+            raise
         self.stats["writes"] += 1
         if fut is not None and self.cfg.protocol == "C":
             with contextlib.suppress(PeerGone):
                 await fut                # PeerGone: already recorded in the bitmap
             fut = None
-        elif fut is not None and self._writer is not None:
-            await self._writer.drain()   # protocol A: bound what waits in the send buffer
-        await self._settle_later(vs, fut, offset, length)
+        elif fut is not None:
+            await self._drain()          # protocol A: bound what waits in the send buffer
+        self._settle(vs, fut, offset, length)
         us = (time.monotonic() - t0) * 1e6
         vs.latency_ewma_us = us if not vs.latency_ewma_us else 0.9 * vs.latency_ewma_us + 0.1 * us
 
-    async def _settle_later(self, vs: VolumeState, fut, offset: int, length: int) -> None:
+    @staticmethod
+    def _settle(vs: VolumeState, fut, offset: int, length: int) -> None:
         """Release the AL extent now, or once the peer acked (or the link dropped)."""
+        al = vs.vol.al
         if fut is None or fut.done():
-            await vs.vol.al.release(offset, length)
+            al.release(offset, length)
         else:
-            fut.add_done_callback(
-                lambda f: self._spawn(vs.vol.al.release(offset, length), "al-release"))
+            fut.add_done_callback(lambda f: al.release(offset, length))
 
     async def flush(self, number: int) -> None:
         self.stats["flushes"] += 1
@@ -283,12 +300,6 @@ class Resource:
         if fut is not None and self.cfg.protocol == "C":
             with contextlib.suppress(PeerGone):
                 await fut
-
-    async def _diverge(self, vs: VolumeState, offset: int, length: int) -> None:
-        """A write the peer will not see: record it, and start a new generation once."""
-        if vs.vol.md.sb.bitmap_gi == 0:
-            await self._new_generation(vs)
-        vs.vol.bitmap.set_range(offset, length)
 
     async def _new_generation(self, vs: VolumeState, forced: bool = False) -> None:
         async with self._gi_lock:
@@ -316,21 +327,18 @@ class Resource:
         while not self._stopping:
             try:
                 if self._dialer:
-                    reader, writer = await asyncio.wait_for(
-                        asyncio.open_connection(self.cfg.peer.host, self.cfg.peer.port), 5)
+                    link = await connect(self.cfg.peer.host, self.cfg.peer.port, 5, self._link_failed)
                 else:
-                    reader, writer = await self._accepted.get()
+                    link = await self._accepted.get()
             except (TimeoutError, OSError):
                 await asyncio.sleep(interval)
                 continue
             self.stats["connects"] += 1
             try:
-                await self._session(reader, writer)
+                await self._session(link)
             except wire.ProtocolError as e:
-                self.stats["protocol_errors"] += 1
-                log.warning("protocol error resource=%s peer=%s reason=%s", self.name,
-                            self.cfg.peer.name, e)
-                await self._drop_connection(f"protocol error: {e}")
+                link.fail(e)             # counted and logged once, by _link_failed
+                await self._drop_connection(f"protocol error: {link.error}")
             except (TimeoutError, OSError, asyncio.IncompleteReadError, ConnectionError) as e:
                 await self._drop_connection(f"link lost: {e.__class__.__name__}")
             except _Refused as e:
@@ -338,26 +346,35 @@ class Resource:
                 if e.standalone:
                     return
             finally:
-                writer.close()
+                link.close()
             if not self._stopping:
                 await asyncio.sleep(interval)
 
-    async def _on_accept(self, reader, writer) -> None:
+    def _link_failed(self, link: Link, exc: BaseException) -> None:
+        """A connection ended on bad input: count and log it, whichever side noticed."""
+        if isinstance(exc, wire.ProtocolError):
+            self.stats["protocol_errors"] += 1
+            log.warning("protocol error resource=%s peer=%s from=%s reason=%s", self.name,
+                        self.cfg.peer.name, link.peer, exc)
+        elif not isinstance(exc, ConnectionError):
+            log.error("link handler failed resource=%s from=%s error=%r", self.name, link.peer, exc)
+
+    def _on_accept(self, link: Link) -> None:
         if self._dialer or self.conn == CONNECTED or self._accepted.full():
-            writer.close()          # only one link per resource, and we are the dialer
+            link.close()            # only one link per resource, and we are the dialer
             return
-        await self._accepted.put((reader, writer))
+        self._accepted.put_nowait(link)
 
     async def _drop_connection(self, reason: str, standalone: bool = False) -> None:
         self._io_open.set()
         was = self.conn
-        writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
         self.conn = STANDALONE if (standalone or self._stopping) else CONNECTING
         self.peer_role = "Unknown"
         # Whatever the peer did not acknowledge may be missing there.
-        for fut, number, offset, length in self._pending.values():
+        for _seq, fut, number, offset, length in self._pending:
             self.vols[number].vol.bitmap.set_range(offset, length)
             if not fut.done():
                 fut.set_exception(PeerGone())
@@ -378,9 +395,18 @@ class Resource:
             self._event("disconnected", reason=reason, conn=self.conn)
 
     def _send(self, buffers: list[bytes]) -> None:
-        if self._writer is None:
+        if self._link is None:
             raise PeerGone()
-        self._writer.writelines(buffers)
+        self._link.send(buffers)
+
+    async def _drain(self) -> None:
+        """Wait while the link's send buffer is over its high-water mark.
+
+        A link that breaks meanwhile is not this caller's error: what it sent
+        and the peer did not acknowledge is in the bitmap (see _drop_connection).
+        """
+        if self._link is not None:
+            await self._link.drain()
 
     # -- the session: handshake, then the receive loop -------------------------------------
 
@@ -396,28 +422,30 @@ class Resource:
                 "peer": self.cfg.peer.name, "role": self.role, "protocol": self.cfg.protocol,
                 "volumes": vols}
 
-    async def _session(self, reader, writer) -> None:
+    async def _session(self, link: Link) -> None:
         # 1. Identify both ends first, while writes go on: a stray or hostile
         #    connection must not be able to pause the Primary's I/O.
         ident = {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
                  "peer": self.cfg.peer.name}
-        writer.writelines(wire.encode_json(T.HELLO, ident))
-        msg = await asyncio.wait_for(wire.read_message(reader), 5)
+        link.send(wire.encode_json(T.HELLO, ident))
+        msg = await link.read_message(5)
         if msg.type != T.HELLO:
             raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
         _validate_ident(msg.body, self)
         # 2. Pause writes so that each one is either replicated or in the bitmap
         #    that the state exchange describes, then exchange state.
         self._io_open.clear()
-        async with self._writes_idle:
-            await self._writes_idle.wait_for(lambda: self._writes_deciding == 0)
+        while self._writes_deciding:
+            fut = asyncio.get_running_loop().create_future()
+            self._writes_idle.append(fut)
+            await fut
         hello = self._hello()
-        writer.writelines(wire.encode_json(T.HELLO, hello))
-        msg = await asyncio.wait_for(wire.read_message(reader), 10)
+        link.send(wire.encode_json(T.HELLO, hello))
+        msg = await link.read_message(10)
         if msg.type != T.HELLO:
             raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
         peer = _validate_hello(msg.body, self)
-        self._writer = writer
+        self._link = link
         self.conn = CONNECTED
         self.peer_role = peer["role"]
         if self.role == "Primary" and self.peer_role == "Primary":
@@ -449,7 +477,7 @@ class Resource:
         received: dict[int, bytearray] = {n: bytearray(self.vols[n].vol.bitmap.nbytes)
                                           for n in pending_bitmaps}
         while any(pending_bitmaps[n] < len(received[n]) for n in pending_bitmaps):
-            msg = await asyncio.wait_for(wire.read_message(reader), 30)
+            msg = await link.read_message(30)
             if msg.type != T.BITMAP or msg.volume not in received:
                 raise wire.ProtocolError(f"expected BITMAP, got {msg.type.name}")
             buf = received[msg.volume]
@@ -461,23 +489,22 @@ class Resource:
             await self._begin(vs, strategy, pv, received.get(vs.vol.number))
         self._io_open.set()
         self._spawn(self._ping_loop(), "ping")
-        # Receiving and applying run side by side: pings and acks are answered
-        # even while the disk is busy, and writes are applied in batches.
+        # Received messages are handled as they arrive (_on_messages): acks and
+        # pings at once, writes applied right there when nothing is queued ahead
+        # of them, else by the applier task in arrival order.
         self._apply_q = asyncio.Queue()
         self._queued = 0
-        self._queue_space = asyncio.Condition()
-        receiver = asyncio.ensure_future(self._receive_loop(reader))
+        self._apply_backlog = 0
         applier = asyncio.ensure_future(self._apply_loop())
+        link.start_dispatch(self._on_messages)
         try:
-            done, _ = await asyncio.wait({receiver, applier}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({link.done, applier}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()            # re-raise what ended the session
         finally:
-            for task in (receiver, applier):
-                task.cancel()
-            for task in (receiver, applier):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+            applier.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await applier
 
     async def _begin(self, vs: VolumeState, strategy: str, pv: dict, peer_bitmap) -> None:
         from .bitmap import Bitmap
@@ -506,24 +533,21 @@ class Resource:
         self._event("sync-started", volume=vs.vol.number, role=vs.repl,
                     bytes=vs.vol.bitmap.out_of_sync_bytes)
 
-    async def _receive_loop(self, reader) -> None:
+    def _on_messages(self, msgs: list) -> None:
         sizes = [vs.vol.size for vs in self.vols]
-        while True:
-            msg = await wire.read_message(reader)
+        batch, nbytes = [], 0
+        for msg in msgs:
             t = msg.type
             if t in (T.DATA, T.RS_DATA):
                 wire.check_range(msg, sizes)
                 if self.role == "Primary":
                     raise wire.ProtocolError(f"{t.name} sent to a Primary")
-                await self._enqueue(msg, len(msg.data))
+                batch.append(msg)
+                nbytes += msg.length
             elif t in (T.FLUSH, T.STATE):
-                await self._enqueue(msg, 0)       # ordered after the writes before it
+                batch.append(msg)             # ordered after the writes before it
             elif t == T.WRITE_ACK:
-                entry = self._pending.pop(msg.seq, None)
-                if entry is None:
-                    raise wire.ProtocolError(f"WRITE_ACK for unknown write {msg.seq}")
-                if not entry[0].done():
-                    entry[0].set_result(None)
+                self._acked(msg.seq)
             elif t == T.RS_ACK:
                 wire.check_range(msg, sizes)
                 vs = self.vols[msg.volume]
@@ -542,19 +566,69 @@ class Resource:
                 self._send(wire.encode_u64(T.PING_ACK, msg.seq))
             else:
                 raise wire.ProtocolError(f"unexpected {t.name} after the handshake")
+        if not batch:
+            return
+        if not self._apply_backlog and self._apply_now(batch):
+            return
+        self._apply_backlog += 1
+        self._queued += nbytes
+        self._apply_q.put_nowait(batch)
+        if self._queued >= APPLY_QUEUE_BYTES and self._link is not None:
+            self._link.pause_reading()      # back-pressure: the peer's sends block
 
-    async def _enqueue(self, msg, nbytes: int) -> None:
-        async with self._queue_space:
-            await self._queue_space.wait_for(lambda: self._queued < APPLY_QUEUE_BYTES)
-            self._queued += nbytes
-        self._apply_q.put_nowait(msg)
+    def _apply_now(self, msgs: list) -> bool:
+        """Apply a batch of writes right away if that needs no waiting; False if not.
+
+        Only plain writes qualify (no FUA, no flush or state change), small
+        enough to write inline, whose AL extents are all active already.
+        """
+        vols = self.vols
+        total = 0
+        for m in msgs:
+            if m.type == T.DATA:
+                if m.flags & wire.FLAG_FUA:
+                    return False
+            elif m.type != T.RS_DATA:
+                return False
+            elif vols[m.volume].repl != SYNC_TARGET:
+                raise wire.ProtocolError("RS_DATA outside a resync")
+            total += m.length
+        if not INLINE.allowed(total):
+            return False
+        held = []
+        for m in msgs:
+            if not vols[m.volume].vol.al.try_acquire(m.offset, m.length):
+                for h in held:
+                    vols[h.volume].vol.al.release(h.offset, h.length)
+                return False
+            held.append(m)
+        try:
+            INLINE.run([(vols[m.volume].vol.fd, m.offset, m.data) for m in msgs])
+        finally:
+            for m in msgs:
+                vols[m.volume].vol.al.release(m.offset, m.length)
+        self._applied(msgs)
+        return True
+
+    def _acked(self, seq: int) -> None:
+        """A cumulative WRITE_ACK: every replicated write up to seq is on the peer."""
+        pending = self._pending
+        if not pending or seq < pending[0][0] or seq > self._seq:
+            raise wire.ProtocolError(f"WRITE_ACK for unknown write {seq}")
+        while pending and pending[0][0] <= seq:
+            fut = pending.popleft()[1]
+            if not fut.done():
+                fut.set_result(None)
 
     async def _apply_loop(self) -> None:
-        """Apply received writes strictly in arrival order (write-order fidelity)."""
+        """Apply queued messages strictly in arrival order (write-order fidelity)."""
+        q = self._apply_q
         while True:
-            batch = [await self._apply_q.get()]
-            while len(batch) < APPLY_BATCH and not self._apply_q.empty():
-                batch.append(self._apply_q.get_nowait())
+            batch = await q.get()
+            batches = 1
+            while len(batch) < APPLY_BATCH and not q.empty():
+                batch += q.get_nowait()
+                batches += 1
             i = 0
             while i < len(batch):
                 if batch[i].type in (T.DATA, T.RS_DATA):
@@ -573,36 +647,49 @@ class Resource:
                 else:
                     await self._on_state(msg.body)
                 i += 1
-            freed = sum(len(m.data) for m in batch)
-            async with self._queue_space:
-                self._queued -= freed
-                self._queue_space.notify_all()
+            self._apply_backlog -= batches
+            self._queued -= sum(m.length for m in batch if m.type in (T.DATA, T.RS_DATA))
+            if self._queued < APPLY_QUEUE_BYTES and self._link is not None:
+                self._link.resume_reading()
 
     async def _apply_writes(self, msgs) -> None:
+        vols = self.vols
         for m in msgs:
-            if m.type == T.RS_DATA and self.vols[m.volume].repl != SYNC_TARGET:
+            if m.type == T.RS_DATA and vols[m.volume].repl != SYNC_TARGET:
                 raise wire.ProtocolError("RS_DATA outside a resync")
         held = []
         try:
             for m in msgs:
-                await self.vols[m.volume].vol.al.acquire(m.offset, m.length)
+                al = vols[m.volume].vol.al
+                if not al.try_acquire(m.offset, m.length):
+                    await al.acquire(m.offset, m.length)
                 held.append(m)
-            sync = {self.vols[m.volume].vol.fd for m in msgs
-                    if m.type == T.DATA and m.flags & wire.FLAG_FUA}
-            await run_io(write_batch, [(self.vols[m.volume].vol.fd, m.offset, m.data) for m in msgs],
-                         sorted(sync))
+            writes = [(vols[m.volume].vol.fd, m.offset, m.data) for m in msgs]
+            sync = {vols[m.volume].vol.fd for m in msgs if m.type == T.DATA and m.flags & wire.FLAG_FUA}
+            if not sync and INLINE.allowed(sum(m.length for m in msgs)):
+                INLINE.run(writes)
+            else:
+                await run_io(write_batch, writes, sorted(sync))
         finally:
             for m in held:
-                await self.vols[m.volume].vol.al.release(m.offset, m.length)
+                vols[m.volume].vol.al.release(m.offset, m.length)
+        self._applied(msgs)
+
+    def _applied(self, msgs) -> None:
+        """Account for applied writes and acknowledge them."""
+        vols = self.vols
         acks = []
+        last_seq = 0
         for m in msgs:
-            vol = self.vols[m.volume].vol
+            vol = vols[m.volume].vol
             vol.bytes_written += m.length
             if m.type == T.DATA:
-                acks += wire.encode_u64(T.WRITE_ACK, m.seq)
+                last_seq = m.seq
             else:
                 vol.bitmap.clear_range(m.offset, m.length)
                 acks += wire.encode_rs_ack(m.volume, m.offset, m.length)
+        if last_seq:
+            acks += wire.encode_u64(T.WRITE_ACK, last_seq)   # cumulative: covers the batch
         self._send(acks)
 
     async def _settle_al(self) -> None:
@@ -681,8 +768,7 @@ class Resource:
                     ahead = sent / rate - (time.monotonic() - t_start)
                     if ahead > 0:
                         await asyncio.sleep(ahead)
-                if self._writer is not None:
-                    await self._writer.drain()
+                await self._drain()
             while vs.rs_inflight and vs.repl == SYNC_SOURCE:
                 await asyncio.sleep(0.005)
 
@@ -701,9 +787,9 @@ class Resource:
     async def _ping_loop(self) -> None:
         t = self.cfg.tunables
         n = 0
-        while self.conn == CONNECTED and self._writer is not None:
+        while self.conn == CONNECTED and self._link is not None:
             await asyncio.sleep(t.ping_interval)
-            if self._writer is None:
+            if self._link is None:
                 return
             n += 1
             fut = asyncio.get_running_loop().create_future()
@@ -712,8 +798,8 @@ class Resource:
                 self._send(wire.encode_u64(T.PING, n))
                 await asyncio.wait_for(fut, max(t.ping_timeout, 5 * t.ping_interval))
             except (TimeoutError, PeerGone):
-                if self._writer is not None:
-                    self._writer.close()      # the receive loop ends and the link is dropped
+                if self._link is not None:
+                    self._link.close()        # the session ends and the link is dropped
                 return
 
     # -- status ---------------------------------------------------------------------------
@@ -726,7 +812,7 @@ class Resource:
             entry = {
                 "volume": vs.vol.number, "disk": vs.disk, "peer_disk": vs.peer_disk,
                 "replication": vs.repl, "out_of_sync_bytes": oos,
-                "in_flight_bytes": sum(p[3] for p in self._pending.values() if p[1] == vs.vol.number),
+                "in_flight_bytes": sum(p[4] for p in self._pending if p[2] == vs.vol.number),
                 "write_latency_us": round(vs.latency_ewma_us, 1),
                 "generation": {"current": _gi(sb.current_gi), "bitmap": _gi(sb.bitmap_gi),
                                "history": [_gi(h) for h in sb.history]},
@@ -750,6 +836,15 @@ class _Refused(Exception):
     def __init__(self, msg: str, standalone: bool):
         super().__init__(msg)
         self.standalone = standalone
+
+
+def _wake_all(waiters: list) -> None:
+    """Resolve and forget every waiter future in the list."""
+    pending = waiters[:]
+    waiters.clear()
+    for fut in pending:
+        if not fut.done():
+            fut.set_result(None)
 
 
 def _gi(value: int) -> str:

@@ -1,13 +1,19 @@
 """One volume on one node: the backing file, its metadata, AL and bitmap.
 
-All blocking I/O runs in a small thread pool so that a slow disk never
-stalls the event loop (pings, other resources, NBD reads keep going).
+Blocking I/O runs in a small thread pool so that a slow disk never stalls
+the event loop (pings, other resources, NBD reads keep going). The one
+exception is a small buffered write: it only copies into the page cache,
+and the thread hop would cost several times the write itself, so it runs
+inline -- until one takes longer than INLINE_STALL (the kernel is
+throttling writeback), after which writes go through the pool again for a
+while. fdatasync never runs inline.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import time
 
 from .activity_log import ActivityLog
 from .fileexport import IOPool
@@ -24,6 +30,36 @@ async def run_io(fn, *args):
     if _POOL is None:
         _POOL = IOPool(workers=4, name="tandem-io")
     return await _POOL.submit(fn, *args)
+
+
+#: Largest buffered write (or batch of writes) done on the event loop.
+INLINE_MAX = 256 << 10
+#: An inline write slower than this means the disk pushes back ...
+INLINE_STALL = 0.002
+#: ... so writes go through the pool for this long afterwards.
+INLINE_BACKOFF = 1.0
+
+
+class InlineWrites:
+    """Decides whether small buffered writes may run on the event loop."""
+
+    def __init__(self):
+        self._pool_until = 0.0
+        self.stalls = 0
+
+    def allowed(self, nbytes: int) -> bool:
+        return nbytes <= INLINE_MAX and (not self._pool_until or time.monotonic() >= self._pool_until)
+
+    def run(self, writes) -> None:
+        t0 = time.monotonic()
+        write_batch(writes, ())
+        took = time.monotonic() - t0
+        if took > INLINE_STALL:
+            self.stalls += 1
+            self._pool_until = t0 + took + INLINE_BACKOFF
+
+
+INLINE = InlineWrites()
 
 
 def backing_size(fd: int) -> int:
@@ -101,7 +137,10 @@ class Volume:
         return data
 
     async def pwrite(self, offset: int, data: bytes, durable: bool = False) -> None:
-        await run_io(self._pwrite, offset, data, durable)
+        if not durable and INLINE.allowed(len(data)):
+            INLINE.run([(self.fd, offset, data)])
+        else:
+            await run_io(self._pwrite, offset, data, durable)
         self.bytes_written += len(data)
 
     def _pwrite(self, offset: int, data: bytes, durable: bool) -> None:

@@ -13,14 +13,13 @@ been fully validated.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
 MAGIC = 0x314D4454            # "TDM1"
-VERSION = 1
+VERSION = 2                   # 2: WRITE_ACK is cumulative
 HEADER = struct.Struct("<IHHI")
 MAX_DATA = 32 << 20           # largest write or resync block
 MAX_JSON = 256 << 10
@@ -35,7 +34,7 @@ class ProtocolError(Exception):
 class T(IntEnum):
     HELLO = 1          # json: who we are, volumes, generation ids, disk states
     DATA = 2           # volume u16, seq u64, offset u64 + data   (application write)
-    WRITE_ACK = 3      # seq u64                                   (protocol C ack)
+    WRITE_ACK = 3      # seq u64: every DATA up to seq is applied   (cumulative)
     FLUSH = 4          # id u64: make every earlier write durable
     FLUSH_ACK = 5      # id u64
     RS_DATA = 6        # volume u16, offset u64 + data            (resync block)
@@ -65,7 +64,7 @@ class Message:
     seq: int = 0
     offset: int = 0
     length: int = 0
-    data: bytes = b""
+    data: bytes | memoryview = b""
     body: dict | None = None
 
 
@@ -105,8 +104,9 @@ def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
 
 # -- decoding --------------------------------------------------------------------
 
-def parse_header(raw: bytes) -> tuple[T, int, int]:
-    magic, t, flags, length = HEADER.unpack(raw)
+def parse_header(raw: bytes | tuple[int, int, int, int]) -> tuple[T, int, int]:
+    """Validate a header (raw bytes or already unpacked); (type, flags, payload length)."""
+    magic, t, flags, length = raw if isinstance(raw, tuple) else HEADER.unpack(raw)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic:#x}")
     try:
@@ -121,7 +121,8 @@ def parse_header(raw: bytes) -> tuple[T, int, int]:
     return t, flags, length
 
 
-def parse_payload(t: T, flags: int, payload: bytes) -> Message:
+def parse_payload(t: T, flags: int, payload: bytes | bytearray) -> Message:
+    """Decode a payload; data fields are zero-copy views of it (do not reuse payload)."""
     if t in _JSON_TYPES:
         try:
             body = json.loads(payload)
@@ -136,12 +137,12 @@ def parse_payload(t: T, flags: int, payload: bytes) -> Message:
     if t == T.DATA:
         _at_least(t, payload, _DATA.size + 1)
         volume, seq, offset = _DATA.unpack_from(payload)
-        data = payload[_DATA.size:]
+        data = memoryview(payload)[_DATA.size:]
         return Message(t, flags, volume=volume, seq=seq, offset=offset, length=len(data), data=data)
     if t == T.RS_DATA:
         _at_least(t, payload, _RS_DATA.size + 1)
         volume, offset = _RS_DATA.unpack_from(payload)
-        data = payload[_RS_DATA.size:]
+        data = memoryview(payload)[_RS_DATA.size:]
         return Message(t, volume=volume, offset=offset, length=len(data), data=data)
     if t == T.RS_ACK:
         _exact(t, payload, _RS_ACK.size)
@@ -150,7 +151,7 @@ def parse_payload(t: T, flags: int, payload: bytes) -> Message:
     if t == T.BITMAP:
         _at_least(t, payload, _BITMAP.size)
         volume, first = _BITMAP.unpack_from(payload)
-        return Message(t, volume=volume, offset=first, data=payload[_BITMAP.size:])
+        return Message(t, volume=volume, offset=first, data=memoryview(payload)[_BITMAP.size:])
     raise ProtocolError(f"no decoder for {t.name}")    # pragma: no cover - enum is closed
 
 
@@ -162,13 +163,6 @@ def _exact(t: T, payload: bytes, n: int) -> None:
 def _at_least(t: T, payload: bytes, n: int) -> None:
     if len(payload) < n:
         raise ProtocolError(f"{t.name}: payload is {len(payload)} bytes, expected at least {n}")
-
-
-async def read_message(reader: asyncio.StreamReader) -> Message:
-    """Read and decode one message. EOF raises asyncio.IncompleteReadError."""
-    t, flags, length = parse_header(await reader.readexactly(HEADER.size))
-    payload = await reader.readexactly(length) if length else b""
-    return parse_payload(t, flags, payload)
 
 
 def check_range(msg: Message, volume_sizes: list[int]) -> None:
