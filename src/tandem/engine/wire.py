@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
 
 MAGIC = 0x314D4454            # "TDM1"
@@ -51,21 +50,28 @@ _RS_DATA = struct.Struct("<HQ")
 _RS_ACK = struct.Struct("<HQI")
 _BITMAP = struct.Struct("<HQ")
 
+_TYPES = {int(t): t for t in T}          # a dict lookup: calling T(n) is slow
 _JSON_TYPES = {T.HELLO, T.STATE}
 _U64_TYPES = {T.WRITE_ACK, T.FLUSH, T.FLUSH_ACK, T.PING, T.PING_ACK}
 
 
-@dataclass(frozen=True)
 class Message:
-    type: T
-    flags: int = 0
-    # Decoded fields; which ones are set depends on the type.
-    volume: int = 0
-    seq: int = 0
-    offset: int = 0
-    length: int = 0
-    data: bytes | memoryview = b""
-    body: dict | None = None
+    """One decoded message; which fields are set depends on the type.
+
+    A plain slotted class: the data path builds one per replicated write, and a
+    frozen dataclass costs several times more to construct.
+    """
+
+    __slots__ = ("type", "flags", "volume", "seq", "offset", "length", "data", "body")
+
+    def __init__(self, type: T, flags: int = 0, *, volume: int = 0, seq: int = 0, offset: int = 0,
+                 length: int = 0, data: bytes | memoryview = b"", body: dict | None = None):
+        self.type, self.flags, self.volume, self.seq = type, flags, volume, seq
+        self.offset, self.length, self.data, self.body = offset, length, data, body
+
+    def __repr__(self) -> str:
+        return (f"Message({self.type.name}, flags={self.flags}, volume={self.volume}, seq={self.seq}, "
+                f"offset={self.offset}, length={self.length})")
 
 
 # -- encoding (returns a list of buffers for writelines: no payload copy) ----------
@@ -85,9 +91,12 @@ def encode_u64(t: T, value: int) -> list[bytes]:
     return [_frame(t, 8) + _U64.pack(value)]
 
 
+_DATA_FRAME = struct.Struct("<IHHI" + _DATA.format.lstrip("<"))   # header + DATA fields, one pack
+
+
 def encode_data(volume: int, seq: int, offset: int, data: bytes, fua: bool) -> list[bytes]:
-    return [_frame(T.DATA, _DATA.size + len(data), FLAG_FUA if fua else 0)
-            + _DATA.pack(volume, seq, offset), data]
+    return [_DATA_FRAME.pack(MAGIC, T.DATA, FLAG_FUA if fua else 0, _DATA.size + len(data),
+                             volume, seq, offset), data]
 
 
 def encode_rs_data(volume: int, offset: int, data: bytes) -> list[bytes]:
@@ -106,13 +115,12 @@ def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
 
 def parse_header(raw: bytes | tuple[int, int, int, int]) -> tuple[T, int, int]:
     """Validate a header (raw bytes or already unpacked); (type, flags, payload length)."""
-    magic, t, flags, length = raw if isinstance(raw, tuple) else HEADER.unpack(raw)
+    magic, number, flags, length = raw if isinstance(raw, tuple) else HEADER.unpack(raw)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic:#x}")
-    try:
-        t = T(t)
-    except ValueError:
-        raise ProtocolError(f"unknown message type {t}") from None
+    t = _TYPES.get(number)
+    if t is None:
+        raise ProtocolError(f"unknown message type {number}")
     limit = MAX_JSON if t in _JSON_TYPES else (MAX_DATA + 64 if t in (T.DATA, T.RS_DATA, T.BITMAP) else 64)
     if length > limit:
         raise ProtocolError(f"{t.name} payload of {length} bytes exceeds {limit}")
