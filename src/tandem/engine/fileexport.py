@@ -308,15 +308,7 @@ class FileExport:
 
     def _punch(self, offset: int, length: int, fua: bool) -> bool:
         """Punch a hole (reads back as zeroes); False if this file cannot."""
-        assert _fallocate is not None
-        try:
-            _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as exc:
-            if exc.errno in _NOT_THIS_TIME:
-                return False
-            if exc.errno not in _UNSUPPORTED:
-                raise
-            self._can_punch = False
+        if not self._fallocate(FALLOC_FL_PUNCH_HOLE, offset, length, "_can_punch"):
             return False
         if fua:
             os.fdatasync(self._fd)
@@ -333,14 +325,19 @@ class FileExport:
 
     def _zero_range(self, offset: int, length: int) -> bool:
         """FALLOC_FL_ZERO_RANGE: zeroes that stay allocated (no hole); False if unsupported."""
+        return self._fallocate(FALLOC_FL_ZERO_RANGE, offset, length, "_can_zero_range")
+
+    def _fallocate(self, mode: int, offset: int, length: int, capability: str) -> bool:
+        """fallocate(mode | KEEP_SIZE); False if refused, and the `capability` flag
+        is cleared when the file can never do this mode."""
         assert _fallocate is not None
         try:
-            _fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            _fallocate(self._fd, mode | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno in _NOT_THIS_TIME:
                 return False
             if exc.errno not in _UNSUPPORTED:
                 raise
-            self._can_zero_range = False
+            setattr(self, capability, False)
             return False
         return True
