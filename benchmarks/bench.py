@@ -96,7 +96,7 @@ class BenchError(Exception):
 # (blocking sockets, no event loop: the cheapest round trip Python can do) and shown
 # next to the latency check.
 RTT_ECHO = """
-import socket, struct, sys
+import socket, sys
 srv = socket.create_server(("127.0.0.1", 0))
 print(srv.getsockname()[1], flush=True)
 conn, _ = srv.accept()

@@ -24,6 +24,7 @@ import asyncio
 from collections import OrderedDict
 
 from .metadata import AL_EXTENT_SHIFT, MetadataFile
+from .waiters import wait, wake_all
 
 EXTENT_SIZE = 1 << AL_EXTENT_SHIFT
 
@@ -75,10 +76,7 @@ class ActivityLog:
         for e in self.extents(offset, length):
             active[e] -= 1
         if self._released:
-            waiters, self._released = self._released, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            wake_all(self._released)
 
     async def _activate(self, wanted: range) -> None:
         missing = [e for e in wanted if e not in self._active]
@@ -90,9 +88,7 @@ class ActivityLog:
             if overflow <= len(idle):
                 break
             # every slot busy: wait for a write to finish
-            fut = asyncio.get_running_loop().create_future()
-            self._released.append(fut)
-            await fut
+            await wait(self._released)
         victims = idle[:max(overflow, 0)]
         # Forget the victims *before* any await: a write arriving meanwhile for
         # one of them must queue behind this transaction, not count on it.

@@ -24,6 +24,7 @@ import collections
 from collections.abc import Callable
 
 from . import wire
+from .waiters import wait, wake_all
 
 RECV_BUFFER = 512 << 10
 #: Payloads bigger than this are received into a buffer of their own.
@@ -147,7 +148,7 @@ class Link(asyncio.BufferedProtocol):
             self.done.set_exception(self.error)
             self.done.exception()       # retrieved: not every link is awaited
         self._wake_reader()
-        self._wake_drain()
+        wake_all(self._drain_waiters)
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -155,7 +156,7 @@ class Link(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._wake_drain()
+        wake_all(self._drain_waiters)
 
     # -- for the resource --------------------------------------------------------------
 
@@ -212,9 +213,7 @@ class Link(asyncio.BufferedProtocol):
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark (or until the link ends)."""
         while self._write_paused and self.transport is not None:
-            fut = self._loop.create_future()
-            self._drain_waiters.append(fut)
-            await fut
+            await wait(self._drain_waiters)
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -230,12 +229,6 @@ class Link(asyncio.BufferedProtocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def _wake_drain(self) -> None:
-        waiters, self._drain_waiters = self._drain_waiters, []
-        for fut in waiters:
-            if not fut.done():
-                fut.set_result(None)
 
 
 async def connect(host: str, port: int, timeout: float,

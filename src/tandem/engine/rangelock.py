@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from .waiters import wait, wake_all
+
 
 class RangeLock:
     def __init__(self):
@@ -38,13 +40,7 @@ class RangeLock:
     async def acquire(self, start: int, length: int, exclusive: bool = False) -> tuple[int, int, bool]:
         entry = (start, start + length, exclusive)
         while self._conflicts(*entry):
-            fut = asyncio.get_running_loop().create_future()
-            self._waiters.append(fut)
-            try:
-                await fut
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
+            await wait(self._waiters)
         self._held.append(entry)
         self._exclusive += exclusive
         return entry
@@ -54,10 +50,7 @@ class RangeLock:
         self._exclusive -= entry[2]
         if self._waiters:
             # Wake every waiter to re-check its range (holds are few and short).
-            waiters, self._waiters = self._waiters, []
-            for fut in waiters:
-                if not fut.done():
-                    fut.set_result(None)
+            wake_all(self._waiters)
 
     @contextlib.asynccontextmanager
     async def hold(self, start: int, length: int, exclusive: bool = False):

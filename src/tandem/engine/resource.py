@@ -41,6 +41,7 @@ from .metadata import (
 )
 from .rangelock import RangeLock
 from .volume import INLINE, Volume, run_io, write_batch
+from .waiters import wait, wake_all
 from .wire import T
 
 log = logging.getLogger("tandem.engine.resource")
@@ -263,7 +264,7 @@ class Resource:
             finally:
                 self._writes_deciding -= 1
                 if not self._writes_deciding and self._writes_idle:
-                    _wake_all(self._writes_idle)
+                    wake_all(self._writes_idle)
         except BaseException:
             self._settle(vs, fut, offset, length)
             raise
@@ -339,7 +340,7 @@ class Resource:
             except wire.ProtocolError as e:
                 link.fail(e)             # counted and logged once, by _link_failed
                 await self._drop_connection(f"protocol error: {link.error}")
-            except (TimeoutError, OSError, asyncio.IncompleteReadError, ConnectionError) as e:
+            except (TimeoutError, OSError, ConnectionError) as e:
                 await self._drop_connection(f"link lost: {e.__class__.__name__}")
             except _Refused as e:
                 await self._drop_connection(str(e), standalone=e.standalone)
@@ -436,9 +437,7 @@ class Resource:
         #    that the state exchange describes, then exchange state.
         self._io_open.clear()
         while self._writes_deciding:
-            fut = asyncio.get_running_loop().create_future()
-            self._writes_idle.append(fut)
-            await fut
+            await wait(self._writes_idle)
         hello = self._hello()
         link.send(wire.encode_json(T.HELLO, hello))
         msg = await link.read_message(10)
@@ -495,6 +494,7 @@ class Resource:
         self._apply_q = asyncio.Queue()
         self._queued = 0
         self._apply_backlog = 0
+        self._sizes = [vs.vol.size for vs in self.vols]
         applier = asyncio.ensure_future(self._apply_loop())
         link.start_dispatch(self._on_messages)
         try:
@@ -534,7 +534,7 @@ class Resource:
                     bytes=vs.vol.bitmap.out_of_sync_bytes)
 
     def _on_messages(self, msgs: list) -> None:
-        sizes = [vs.vol.size for vs in self.vols]
+        sizes = self._sizes
         batch, nbytes = [], 0
         for msg in msgs:
             t = msg.type
@@ -836,15 +836,6 @@ class _Refused(Exception):
     def __init__(self, msg: str, standalone: bool):
         super().__init__(msg)
         self.standalone = standalone
-
-
-def _wake_all(waiters: list) -> None:
-    """Resolve and forget every waiter future in the list."""
-    pending = waiters[:]
-    waiters.clear()
-    for fut in pending:
-        if not fut.done():
-            fut.set_result(None)
 
 
 def _gi(value: int) -> str:

@@ -113,9 +113,9 @@ def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
 
 # -- decoding --------------------------------------------------------------------
 
-def parse_header(raw: bytes | tuple[int, int, int, int]) -> tuple[T, int, int]:
-    """Validate a header (raw bytes or already unpacked); (type, flags, payload length)."""
-    magic, number, flags, length = raw if isinstance(raw, tuple) else HEADER.unpack(raw)
+def parse_header(fields: tuple[int, int, int, int]) -> tuple[T, int, int]:
+    """Validate an unpacked HEADER; returns (type, flags, payload length)."""
+    magic, number, flags, length = fields
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic:#x}")
     t = _TYPES.get(number)
