@@ -11,8 +11,8 @@ include mk/toolchain.mk
 include mk/lab.mk
 include mk/bench.mk
 
-# bench's recipe is in mk/bench.mk; it needs fio/nbdkit and the venv.
-bench: engine-deps $(VENV_STAMP)
+# bench's recipes are in mk/bench.mk; they need fio/nbdkit and the venv.
+bench bench-faults: engine-deps $(VENV_STAMP)
 
 .PHONY: help test test-lab test-engine engine-deps soak molecule demo demo-down clean
 
@@ -25,6 +25,8 @@ help:
 	@echo "make test-lab    lab tests only (brings the lab up itself)"
 	@echo "make test-engine engine tests: two real tandemd on loopback, kill -9 test"
 	@echo "make soak        the kill test with 500 iterations (TANDEM_KILL_ITERATIONS)"
+	@echo "make bench       NBD write-path benchmark (fio; ~15 min)"
+	@echo "make bench-faults link-cut figures: write stall, time back to sync, resync bytes"
 	@echo "make lint        ruff and ansible-lint --offline"
 	@echo "make sanity      ansible-test sanity (offline)"
 	@echo "make demo        bring the lab up and run the demo playbook"

@@ -3,7 +3,8 @@
 #
 #   include mk/bench.mk
 #
-# Targets:   bench
+# Targets:   bench          the NBD write path (fio)
+#            bench-faults   link cuts through the fault proxy: stall, time back to sync, resync bytes
 # Variables: BENCH_ARGS   passed to benchmarks/bench.py, e.g.
 #                         make bench BENCH_ARGS='--runs 5 --targets nbdkit,standalone,proto-c'
 #            BENCH_PYTHON interpreter that runs the benchmark and the daemons (.venv/bin/python)
@@ -20,9 +21,15 @@ BENCH_ROOT := $(patsubst %/,%,$(dir $(abspath $(dir $(lastword $(MAKEFILE_LIST))
 BENCH_ARGS   ?=
 BENCH_PYTHON ?= .venv/bin/python
 
-.PHONY: bench
+FAULT_ARGS ?=
+
+.PHONY: bench bench-faults
 
 bench:
 	cd '$(BENCH_ROOT)' && '$(BENCH_PYTHON)' benchmarks/bench.py $(BENCH_ARGS)
+
+bench-faults:
+	cd '$(BENCH_ROOT)' && '$(BENCH_PYTHON)' benchmarks/link_faults.py \
+	    --json benchmarks/results/link_faults-$$(date +%Y%m%d-%H%M%S).json $(FAULT_ARGS)
 
 endif

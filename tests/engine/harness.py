@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from tandem.faultproxy import ProxyControl
+
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
@@ -92,19 +94,31 @@ class Node:
 
 
 class Pair:
-    """Nodes "a" and "b" with one resource of `volumes` volumes of `size` bytes."""
+    """Nodes "a" and "b" with one resource of `volumes` volumes of `size` bytes.
+
+    With proxy=True the link goes through a fault proxy process (tandem.faultproxy):
+    "a" dials (its name sorts first), so only a's idea of b's address points at
+    the proxy; `pair.link` then sets faults on it.
+    """
 
     def __init__(self, root: Path, resource: str = "vm1", size: int = 16 * MiB, volumes: int = 1,
-                 protocol: str = "C", tunables: dict | None = None):
+                 protocol: str = "C", tunables: dict | None = None, proxy: bool = False):
         self.resource, self.size, self.volumes = resource, size, volumes
+        self.root = root
         self.a, self.b = Node(root, "a"), Node(root, "b")
         ports = {"a": free_port(), "b": free_port()}
-        tun = {"connect_interval": 0.2, "ping_interval": 0.5, "ping_timeout": 0.4, **(tunables or {})}
+        self.proxy_port = free_port() if proxy else None
+        self.proxy: subprocess.Popen | None = None
+        self.link: ProxyControl | None = None
+        self._b_port = ports["b"]
+        tun = {"connect_interval": 0.2, "connect_interval_max": 1.0, "resume_after": 0.3,
+               "ping_interval": 0.5, "ping_timeout": 0.4, **(tunables or {})}
         for node in (self.a, self.b):
             lines = [f'resource = "{resource}"', f'protocol = "{protocol}"',
                      f'local_node = "{node.name}"']
             for n in ("a", "b"):
-                lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{ports[n]}"']
+                port = self.proxy_port if (proxy and node is self.a and n == "b") else ports[n]
+                lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{port}"']
             for v in range(volumes):
                 lines += ["[[volumes]]", f"number = {v}",
                           f'path = "{node.root / "data" / f"disk{v}.img"}"',
@@ -114,12 +128,30 @@ class Pair:
             (node.config_dir / f"{resource}.toml").write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
+        if self.proxy_port and self.proxy is None:
+            self._start_proxy()
         self.a.start()
         self.b.start()
+
+    def _start_proxy(self) -> None:
+        control = str(self.root / "proxy.sock")
+        env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+        with open(self.root / "proxy.log", "ab") as log:
+            self.proxy = subprocess.Popen(
+                [sys.executable, "-m", "tandem.faultproxy", "--listen", f"127.0.0.1:{self.proxy_port}",
+                 "--target", f"127.0.0.1:{self._b_port}", "--control", control],
+                stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+        ready = self.proxy.stdout.readline()          # {"port": N} once it listens
+        if not ready:
+            raise RuntimeError(f"fault proxy did not start: {(self.root / 'proxy.log').read_text()}")
+        self.link = ProxyControl(control)
 
     def stop(self) -> None:
         for node in (self.a, self.b):
             node.stop()
+        if self.proxy is not None and self.proxy.poll() is None:
+            self.proxy.terminate()
+            self.proxy.wait(10)
 
     def wait(self, predicate, timeout: float = 60, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout

@@ -15,71 +15,15 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
 import time
 
 import pytest
 
 from .harness import Pair
-from .nbdclient import Client
+from .workload import Writer, verify
 
-BLOCK = 4096
 ITERATIONS = int(os.environ.get("TANDEM_KILL_ITERATIONS", "24"))
 SEED = int(os.environ.get("TANDEM_KILL_SEED", str(int(time.time()))))
-
-
-class Writer(threading.Thread):
-    """Sequential writes (QD1), so 'acknowledged' is a clean prefix of what was sent."""
-
-    def __init__(self, sock: str, export: str, size: int, rng: random.Random):
-        super().__init__(daemon=True)
-        self.sock, self.export, self.size, self.rng = sock, export, size, rng
-        self.acked: dict[int, bytes] = {}              # block -> contents
-        self.inflight: tuple[int, bytes] | None = None
-        self.count = 0
-        self.error: BaseException | None = None
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        try:
-            c = Client(self.sock, self.export, timeout=10)
-        except OSError as e:
-            self.error = e
-            return
-        try:
-            while not self.stop.is_set():
-                blocks = self.rng.choice((1, 1, 1, 4, 16))
-                first = self.rng.randrange(0, self.size // BLOCK - blocks)
-                data = self.rng.randbytes(blocks * BLOCK)
-                fua = self.rng.random() < 0.1
-                self.inflight = (first, data)
-                c.write(first * BLOCK, data, fua=fua)
-                for i in range(blocks):
-                    self.acked[first + i] = data[i * BLOCK:(i + 1) * BLOCK]
-                self.inflight = None
-                self.count += 1
-        except (OSError, ConnectionError) as e:
-            self.error = e
-        finally:
-            c.sock.close()
-
-
-def verify(sock: str, export: str, writer: Writer) -> int:
-    c = Client(sock, export)
-    inflight = {}
-    if writer.inflight is not None:
-        first, data = writer.inflight
-        inflight = {first + i: data[i * BLOCK:(i + 1) * BLOCK] for i in range(len(data) // BLOCK)}
-    bad = []
-    try:
-        for block, want in writer.acked.items():
-            got = c.read(block * BLOCK, BLOCK)
-            if got != want and got != inflight.get(block):
-                bad.append(block)
-    finally:
-        c.close()
-    assert not bad, f"{len(bad)} acknowledged blocks lost or wrong, e.g. {bad[:5]}"
-    return len(writer.acked)
 
 
 def sha(path) -> str:

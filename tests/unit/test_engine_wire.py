@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import socket
 import struct
+import zlib
 
 import pytest
 from hypothesis import given, settings
@@ -129,3 +130,28 @@ def test_garbage_after_good_messages_ends_the_link():
     raw, _ = _stream()
     with pytest.raises(ProtocolError, match="bad magic"):
         decode_all([raw, b"\0" * 64])
+
+
+# -- compressed bitmaps (the state exchange) ---------------------------------------------
+
+def test_bitmap_chunks_roundtrip_and_shrink():
+    bitmap = bytearray(3 * wire.BITMAP_CHUNK + 123)
+    bitmap[5] = 0xFF
+    bitmap[-1] = 0x01
+    chunks = list(wire.pack_bitmap(bytes(bitmap)))
+    assert [off for off, _ in chunks] == [0, wire.BITMAP_CHUNK, 2 * wire.BITMAP_CHUNK, 3 * wire.BITMAP_CHUNK]
+    assert sum(len(c) for _, c in chunks) < 16 * 1024          # mostly zeros: tiny on the wire
+    out = b"".join(wire.unpack_bitmap(c, min(wire.BITMAP_CHUNK, len(bitmap) - off)) for off, c in chunks)
+    assert out == bytes(bitmap)
+
+
+@pytest.mark.parametrize("packed, expected", [
+    (zlib.compress(bytes(100 << 20)), wire.BITMAP_CHUNK),      # inflates far beyond the chunk: a bomb
+    (zlib.compress(bytes(10)), 11),                             # short
+    (zlib.compress(bytes(10)) + b"x", 10),                      # trailing garbage
+    (zlib.compress(bytes(10))[:-3], 10),                        # truncated stream
+    (b"not zlib at all", 10),
+])
+def test_hostile_bitmap_chunks_are_protocol_errors(packed, expected):
+    with pytest.raises(wire.ProtocolError):
+        wire.unpack_bitmap(packed, expected)

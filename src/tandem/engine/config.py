@@ -256,6 +256,7 @@ class Tunables:
     congestion_fill: int = _tunable(BYTES, 64 * MiB, 4 * KiB, 16 * GiB, zero="off")
     resume_after: float = _tunable(SECONDS, 5.0, 0.0, 3600.0)
     connect_interval: float = _tunable(SECONDS, 1.0, 0.1, 120.0)
+    connect_interval_max: float = _tunable(SECONDS, 30.0, 0.1, 3600.0)
     ping_interval: float = _tunable(SECONDS, 1.0, 0.1, 120.0)
     ping_timeout: float = _tunable(SECONDS, 0.5, 0.05, 60.0)
     max_epoch_writes: int = _tunable(COUNT, 2048, 1, 20000)
@@ -715,6 +716,11 @@ def _parse_tunables(ck: _Checker, value: Any) -> Tunables:
 
 def _check_tunables(ck: _Checker, t: Tunables, given: set[str]) -> None:
     """Rules that involve more than one tunable."""
+    if t.connect_interval_max < t.connect_interval:
+        default = "" if "connect_interval_max" in given else " (the default)"
+        ck.error("tunables.connect_interval_max",
+                 f"must be at least tunables.connect_interval ({t.connect_interval:g}), "
+                 f"got {t.connect_interval_max:g}{default}")
     if t.ping_timeout >= t.ping_interval:
         default = "" if "ping_timeout" in given else " (the default)"
         ck.error("tunables.ping_timeout", f"must be less than tunables.ping_interval ({t.ping_interval:g}), "

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import logging
 import os
+import random
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -96,9 +97,18 @@ class Resource:
         self._tasks: set[asyncio.Task] = set()
         self._server: asyncio.Server | None = None
         self._seq = 0
-        # Replicated writes not yet acknowledged, in seq order: (seq, fut, vol, off, len).
-        self._pending: collections.deque[tuple[int, asyncio.Future, int, int, int]] = collections.deque()
-        self._flushes: dict[int, asyncio.Future] = {}
+        # Replicated writes not yet acknowledged, in seq order: (seq, fut, vol, off, len, sent).
+        self._pending: collections.deque[tuple[int, asyncio.Future, int, int, int, float]] = \
+            collections.deque()
+        self._inflight_bytes = 0
+        self._flushes: dict[int, tuple[asyncio.Future, float]] = {}   # seq -> (fut, sent), in seq order
+        # One timer for the oldest unacknowledged write or flush (see _watchdog).
+        self._watchdog_handle: asyncio.TimerHandle | None = None
+        #: Why and since when (wall clock) the primary runs without its peer; None when replicating.
+        self.degraded: dict | None = None
+        self._lost_link = False        # a connection was lost since start: probe the next one
+        # Wall-clock time of the oldest acknowledged write the peer does not have.
+        self._exposed_since: float | None = None
         self._pings: dict[int, asyncio.Future] = {}
         self._gi_lock = asyncio.Lock()
         self._stopping = False
@@ -131,6 +141,8 @@ class Resource:
         # A restarted node always comes back as Secondary, as DRBD does.
         for vs in self.vols:
             vs.vol.md.set_flags(clear=PRIMARY)
+        if any(vs.vol.bitmap.count for vs in self.vols):
+            self._exposed_since = time.time()     # the true age died with the last process
         self.conn = CONNECTING
         if not self._dialer:
             # Only the side that waits for the peer listens.
@@ -143,7 +155,7 @@ class Resource:
         self._stopping = True
         if self._server:
             self._server.close()
-        await self._drop_connection("resource stopping")
+        self._drop_connection("resource stopping")
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -197,11 +209,13 @@ class Resource:
             vs.disk = UPTODATE
         self.role = "Primary"
         self._event("role-changed", role=self.role, force=force)
+        if self.conn != CONNECTED:
+            self._set_degraded("peer-not-connected", "promoted while the peer is not connected")
         if self.conn == CONNECTED:
             self._send(wire.encode_json(T.STATE, {"role": self.role}))
             if force:
                 # Our data is the reference now: reconnect so the handshake resyncs the peer.
-                await self._drop_connection("forced promotion")
+                self._drop_connection("forced promotion")
 
     async def demote(self) -> None:
         if self.role == "Secondary":
@@ -251,13 +265,23 @@ class Resource:
                     if self.replicating(vs):
                         self._seq += 1
                         fut = asyncio.get_running_loop().create_future()
-                        self._pending.append((self._seq, fut, number, offset, length))
+                        self._pending.append((self._seq, fut, number, offset, length, time.monotonic()))
+                        self._inflight_bytes += length
                         self._send(wire.encode_data(number, self._seq, offset, data, fua))
+                        if self._watchdog_handle is None:
+                            self._arm_watchdog()
+                        fill = self.cfg.tunables.congestion_fill
+                        if fill and self._inflight_bytes > fill:
+                            # Completes this write and the pending ones locally (see _drop_connection).
+                            self._degrade("congestion", f"{self._inflight_bytes} bytes in flight "
+                                                        f"exceed congestion_fill ({fill})")
                     else:
                         # A write the peer will not see: record it, new generation once.
                         if vs.vol.md.sb.bitmap_gi == 0:
                             await self._new_generation(vs)
                         vs.vol.bitmap.set_range(offset, length)
+                        if self._exposed_since is None:
+                            self._exposed_since = time.time()
                     await vs.vol.pwrite(offset, data, durable=fua)
                 finally:
                     lock.release(hold)
@@ -295,8 +319,10 @@ class Resource:
         if self.replicating(vs):
             self._seq += 1
             fut = asyncio.get_running_loop().create_future()
-            self._flushes[self._seq] = fut
+            self._flushes[self._seq] = (fut, time.monotonic())
             self._send(wire.encode_u64(T.FLUSH, self._seq))
+            if self._watchdog_handle is None:
+                self._arm_watchdog()
         await vs.vol.flush()
         if fut is not None and self.cfg.protocol == "C":
             with contextlib.suppress(PeerGone):
@@ -324,7 +350,7 @@ class Resource:
         return self.cfg.local.name < self.cfg.peer.name
 
     async def _connect_loop(self) -> None:
-        interval = self.cfg.tunables.connect_interval
+        failures = 0
         while not self._stopping:
             try:
                 if self._dialer:
@@ -332,24 +358,100 @@ class Resource:
                 else:
                     link = await self._accepted.get()
             except (TimeoutError, OSError):
-                await asyncio.sleep(interval)
+                failures += 1
+                await asyncio.sleep(self._backoff(failures))
                 continue
             self.stats["connects"] += 1
+            self._connected_at = None
             try:
                 await self._session(link)
             except wire.ProtocolError as e:
                 link.fail(e)             # counted and logged once, by _link_failed
-                await self._drop_connection(f"protocol error: {link.error}")
-            except (TimeoutError, OSError, ConnectionError) as e:
-                await self._drop_connection(f"link lost: {e.__class__.__name__}")
+                self._drop_connection(f"protocol error: {link.error}", kind="protocol-error")
+            except TimeoutError as e:
+                self._drop_connection(str(e) or "timed out", kind="timeout")
+            except (OSError, ConnectionError) as e:
+                self._drop_connection(f"link lost: {e.__class__.__name__}", kind="link-lost")
             except _Refused as e:
-                await self._drop_connection(str(e), standalone=e.standalone)
+                self._drop_connection(str(e), standalone=e.standalone, kind="refused")
                 if e.standalone:
                     return
             finally:
                 link.close()
+            # A connection that held for a minute resets the backoff; one that
+            # failed early (refused, unhealthy, flapping) makes the next wait longer.
+            held = self._connected_at is not None and time.monotonic() - self._connected_at >= 60
+            failures = 0 if held else failures + 1
             if not self._stopping:
-                await asyncio.sleep(interval)
+                await asyncio.sleep(self._backoff(failures))
+
+    def _backoff(self, failures: int) -> float:
+        """Capped exponential backoff with jitter, so a long outage causes no reconnect storm.
+
+        Only the dialing side backs off; the listener just takes the next connection.
+        """
+        t = self.cfg.tunables
+        if not self._dialer or failures <= 0:
+            return t.connect_interval if self._dialer else 0.05
+        base = min(t.connect_interval * 2 ** min(failures - 1, 30), t.connect_interval_max)
+        return base * random.uniform(0.8, 1.2)
+
+    # -- degradation: a slow or dead peer never stalls the VM for longer than sync_timeout --------
+
+    def _oldest_unacked(self) -> float | None:
+        oldest = self._pending[0][5] if self._pending else None
+        if self._flushes:
+            flush_sent = next(iter(self._flushes.values()))[1]
+            oldest = flush_sent if oldest is None else min(oldest, flush_sent)
+        return oldest
+
+    def _arm_watchdog(self) -> None:
+        """One timer at the deadline of the oldest unacknowledged write or flush."""
+        oldest = self._oldest_unacked()
+        if oldest is not None:
+            self._watchdog_handle = asyncio.get_running_loop().call_at(
+                oldest + self.cfg.tunables.sync_timeout, self._watchdog)
+
+    def _watchdog(self) -> None:
+        self._watchdog_handle = None
+        oldest = self._oldest_unacked()
+        if oldest is None:
+            return
+        late = time.monotonic() - oldest
+        if late >= self.cfg.tunables.sync_timeout - 0.001:
+            self._degrade("peer-timeout", f"no acknowledgement from the peer for {late:.3f}s "
+                                          f"(sync_timeout {self.cfg.tunables.sync_timeout:g}s)")
+        else:
+            self._arm_watchdog()
+
+    def _degrade(self, kind: str, reason: str) -> None:
+        """Stop waiting for the peer: what it did not acknowledge goes to the bitmap.
+
+        The connection is dropped rather than kept idle, so the peer keeps
+        exactly the prefix of the write stream it applied (a consistent image),
+        and coming back goes through the same handshake and resync as any
+        reconnect. The next connection is probed for resume_after first.
+        """
+        if self._link is None:
+            return
+        self._drop_connection(reason, kind=kind)
+
+    def _set_degraded(self, kind: str, reason: str) -> None:
+        if self.role != "Primary" or self.degraded is not None:
+            return
+        self.degraded = {"since": time.time(), "kind": kind, "reason": reason}
+        self._event("degraded", kind=kind, reason=reason)
+
+    def _check_in_sync(self) -> None:
+        """Back to synchronous dual write with nothing missing on the peer: clear the exposure."""
+        if self.conn != CONNECTED or any(vs.repl != ESTABLISHED or vs.vol.bitmap.count for vs in self.vols):
+            return
+        was, self.degraded = self.degraded, None
+        had_exposure, self._exposed_since = self._exposed_since is not None, None
+        if was is not None or had_exposure:
+            detail = {"degraded_seconds": round(time.time() - was["since"], 3), "was": was["kind"]} \
+                if was else {}
+            self._event("in-sync", **detail)
 
     def _link_failed(self, link: Link, exc: BaseException) -> None:
         """A connection ended on bad input: count and log it, whichever side noticed."""
@@ -366,34 +468,49 @@ class Resource:
             return
         self._accepted.put_nowait(link)
 
-    async def _drop_connection(self, reason: str, standalone: bool = False) -> None:
+    def _drop_connection(self, reason: str, standalone: bool = False, kind: str = "disconnected") -> None:
+        """Leave the connected state. Synchronous, so a timer can call it."""
         self._io_open.set()
         was = self.conn
         link, self._link = self._link, None
         if link is not None:
             link.close()
+        if self._watchdog_handle is not None:
+            self._watchdog_handle.cancel()
+            self._watchdog_handle = None
         self.conn = STANDALONE if (standalone or self._stopping) else CONNECTING
         self.peer_role = "Unknown"
-        # Whatever the peer did not acknowledge may be missing there.
-        for _seq, fut, number, offset, length in self._pending:
+        # Whatever the peer did not acknowledge may be missing there. The
+        # waiting writes complete now, on local durability.
+        now_mono, now = time.monotonic(), time.time()
+        for _seq, fut, number, offset, length, sent in self._pending:
             self.vols[number].vol.bitmap.set_range(offset, length)
+            if self.cfg.protocol == "A":        # acknowledged when it was sent
+                since = now - (now_mono - sent)
+                self._exposed_since = min(self._exposed_since or since, since)
             if not fut.done():
                 fut.set_exception(PeerGone())
                 fut.exception()        # mark retrieved for protocol A callers
+        if self._pending and self._exposed_since is None:
+            self._exposed_since = now
         self._pending.clear()
-        for futs in (self._flushes, self._pings):
-            for fut in futs.values():
-                if not fut.done():
-                    fut.set_exception(PeerGone())
-                    fut.exception()
-            futs.clear()
+        self._inflight_bytes = 0
+        for fut in [f for f, _sent in self._flushes.values()] + list(self._pings.values()):
+            if not fut.done():
+                fut.set_exception(PeerGone())
+                fut.exception()
+        self._flushes.clear()
+        self._pings.clear()
         for vs in self.vols:
             if vs.repl == SYNC_TARGET:
                 vs.disk = INCONSISTENT
             vs.repl, vs.peer_disk = OFF, DUNKNOWN
             vs.rs_inflight.clear()
         if was == CONNECTED:
-            self._event("disconnected", reason=reason, conn=self.conn)
+            if not self._stopping:
+                self._lost_link = True
+                self._set_degraded(kind, reason)
+            self._event("disconnected", kind=kind, reason=reason, conn=self.conn)
 
     def _send(self, buffers: list[bytes]) -> None:
         if self._link is None:
@@ -426,66 +543,57 @@ class Resource:
     async def _session(self, link: Link) -> None:
         # 1. Identify both ends first, while writes go on: a stray or hostile
         #    connection must not be able to pause the Primary's I/O.
+        t = self.cfg.tunables
         ident = {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
-                 "peer": self.cfg.peer.name}
+                 "peer": self.cfg.peer.name, "probe": t.resume_after if self._lost_link else 0}
         link.send(wire.encode_json(T.HELLO, ident))
         msg = await link.read_message(5)
         if msg.type != T.HELLO:
             raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
         _validate_ident(msg.body, self)
-        # 2. Pause writes so that each one is either replicated or in the bitmap
-        #    that the state exchange describes, then exchange state.
+        peer_probe = msg.body.get("probe")
+        if isinstance(peer_probe, bool) or not isinstance(peer_probe, (int, float)) \
+                or not 0 <= peer_probe <= 3600:
+            raise wire.ProtocolError(f"malformed HELLO: bad probe {peer_probe!r}")
+        # 2. After a lost connection, the link must prove healthy for
+        #    resume_after before replication resumes (hysteresis against a
+        #    flapping link). The dialer drives the probe; the other side
+        #    answers and waits for the dialer's state HELLO.
+        probe = max(ident["probe"], peer_probe)
+        if self._dialer:
+            if probe:
+                await self._probe(link, probe)
+            peer_hello = None
+        else:
+            peer_hello = await self._await_state_hello(link, probe)
+        # 3. Pause writes so that each one is either replicated or in the bitmap
+        #    that the state exchange describes, then exchange state. Writes
+        #    wait meanwhile, so the network part is bounded by sync_timeout.
         self._io_open.clear()
-        while self._writes_deciding:
-            await wait(self._writes_idle)
-        hello = self._hello()
-        link.send(wire.encode_json(T.HELLO, hello))
-        msg = await link.read_message(10)
-        if msg.type != T.HELLO:
-            raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
-        peer = _validate_hello(msg.body, self)
-        self._link = link
-        self.conn = CONNECTED
-        self.peer_role = peer["role"]
-        if self.role == "Primary" and self.peer_role == "Primary":
-            raise _Refused("both nodes are Primary: refusing the connection (split brain)", True)
-        plans = []
-        for vs, pv in zip(self.vols, peer["volumes"], strict=True):
-            me = handshake.Side.from_hello(self.cfg.local.name, self.role, hello["volumes"][vs.vol.number])
-            them = handshake.Side.from_hello(self.cfg.peer.name, self.peer_role, pv)
-            strategy, rule = handshake.decide(me, them)
-            self._event("handshake", volume=vs.vol.number, strategy=strategy, rule=rule,
-                        self_gi=_gi(me.current), peer_gi=_gi(them.current))
-            if strategy in (handshake.SPLIT_BRAIN, handshake.UNRELATED):
-                raise _Refused(f"volume {vs.vol.number}: {strategy} (rule {rule}); "
-                               "manual recovery needed", True)
-            if strategy in handshake.TARGETS and self.role == "Primary":
-                raise _Refused(f"volume {vs.vol.number}: the Primary would become sync target "
-                               f"(rule {rule}); refusing", True)
-            plans.append((vs, strategy, pv))
-        self._event("connected", peer=self.cfg.peer.name, peer_role=self.peer_role)
-        # Exchange bitmaps where the union decides what moves.
-        for vs, strategy, _ in plans:
-            if strategy in (handshake.SOURCE_BITMAP, handshake.TARGET_BITMAP):
-                bm = vs.vol.bitmap.to_bytes()
-                step = 1 << 20
-                for i in range(0, len(bm), step):
-                    self._send(wire.encode_bitmap(vs.vol.number, i, bm[i:i + step]))
-        pending_bitmaps = {vs.vol.number: 0 for vs, s, _ in plans
-                           if s in (handshake.SOURCE_BITMAP, handshake.TARGET_BITMAP)}
-        received: dict[int, bytearray] = {n: bytearray(self.vols[n].vol.bitmap.nbytes)
-                                          for n in pending_bitmaps}
-        while any(pending_bitmaps[n] < len(received[n]) for n in pending_bitmaps):
-            msg = await link.read_message(30)
-            if msg.type != T.BITMAP or msg.volume not in received:
-                raise wire.ProtocolError(f"expected BITMAP, got {msg.type.name}")
-            buf = received[msg.volume]
-            if msg.offset != pending_bitmaps[msg.volume] or msg.offset + len(msg.data) > len(buf):
-                raise wire.ProtocolError("BITMAP chunk out of order or too long")
-            buf[msg.offset:msg.offset + len(msg.data)] = msg.data
-            pending_bitmaps[msg.volume] += len(msg.data)
+        try:
+            async with asyncio.timeout(t.sync_timeout):
+                while self._writes_deciding:
+                    await wait(self._writes_idle)
+                hello = self._hello()
+                link.send(wire.encode_json(T.HELLO, hello))
+                msg = peer_hello or await link.read_message(3600)
+                if msg.type != T.HELLO:
+                    raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
+                peer = _validate_hello(msg.body, self)
+                self._link = link
+                self.conn = CONNECTED
+                self._connected_at = time.monotonic()
+                self.peer_role = peer["role"]
+                if self.role == "Primary" and self.peer_role == "Primary":
+                    raise _Refused("both nodes are Primary: refusing the connection (split brain)", True)
+                plans = self._plan(hello, peer)
+                received = await self._exchange_bitmaps(link, plans)
+        except TimeoutError:
+            raise TimeoutError(f"state exchange took longer than sync_timeout "
+                               f"({t.sync_timeout:g}s) while writes were paused") from None
         for vs, strategy, pv in plans:
             await self._begin(vs, strategy, pv, received.get(vs.vol.number))
+        self._check_in_sync()
         self._io_open.set()
         self._spawn(self._ping_loop(), "ping")
         # Received messages are handled as they arrive (_on_messages): acks and
@@ -506,6 +614,78 @@ class Resource:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await applier
 
+    async def _probe(self, link: Link, seconds: float) -> None:
+        """Ping the peer for `seconds`; every answer must come within sync_timeout."""
+        t = self.cfg.tunables
+        self._event("probing", seconds=seconds)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + seconds
+        n = 0
+        while loop.time() < end:
+            n += 1
+            link.send(wire.encode_u64(T.PING, n))
+            try:
+                msg = await link.read_message(t.sync_timeout)
+            except TimeoutError:
+                reason = f"no answer to probe {n} within sync_timeout ({t.sync_timeout:g}s)"
+                self._event("probe-failed", reason=reason)
+                raise TimeoutError(f"peer unhealthy: {reason}") from None
+            if msg.type != T.PING_ACK or msg.seq != n:
+                raise wire.ProtocolError(f"expected PING_ACK {n} while probing, got {msg.type.name}")
+            await asyncio.sleep(min(0.2, t.ping_interval))
+        self._event("probe-passed", seconds=seconds, pings=n)
+
+    async def _await_state_hello(self, link: Link, probe: float) -> wire.Message:
+        """Answer the dialer's probe until its state HELLO arrives."""
+        while True:
+            msg = await link.read_message(probe + 10)
+            if msg.type == T.PING:
+                link.send(wire.encode_u64(T.PING_ACK, msg.seq))
+            elif msg.type == T.HELLO:
+                return msg
+            else:
+                raise wire.ProtocolError(f"expected PING or HELLO, got {msg.type.name}")
+
+    def _plan(self, hello: dict, peer: dict) -> list:
+        """Decide, per volume, what the connection does (mirror images on the two sides)."""
+        plans = []
+        for vs, pv in zip(self.vols, peer["volumes"], strict=True):
+            me = handshake.Side.from_hello(self.cfg.local.name, self.role, hello["volumes"][vs.vol.number])
+            them = handshake.Side.from_hello(self.cfg.peer.name, self.peer_role, pv)
+            strategy, rule = handshake.decide(me, them)
+            self._event("handshake", volume=vs.vol.number, strategy=strategy, rule=rule,
+                        self_gi=_gi(me.current), peer_gi=_gi(them.current))
+            if strategy in (handshake.SPLIT_BRAIN, handshake.UNRELATED):
+                raise _Refused(f"volume {vs.vol.number}: {strategy} (rule {rule}); "
+                               "manual recovery needed", True)
+            if strategy in handshake.TARGETS and self.role == "Primary":
+                raise _Refused(f"volume {vs.vol.number}: the Primary would become sync target "
+                               f"(rule {rule}); refusing", True)
+            plans.append((vs, strategy, pv))
+        self._event("connected", peer=self.cfg.peer.name, peer_role=self.peer_role)
+        return plans
+
+    async def _exchange_bitmaps(self, link: Link, plans: list) -> dict[int, bytearray]:
+        """Swap bitmaps where their union decides what moves (compressed: they are mostly zeros)."""
+        wanted = [vs for vs, strategy, _ in plans
+                  if strategy in (handshake.SOURCE_BITMAP, handshake.TARGET_BITMAP)]
+        for vs in wanted:
+            for offset, packed in wire.pack_bitmap(vs.vol.bitmap.to_bytes()):
+                self._send(wire.encode_bitmap(vs.vol.number, offset, packed))
+        received = {vs.vol.number: bytearray(vs.vol.bitmap.nbytes) for vs in wanted}
+        filled = dict.fromkeys(received, 0)
+        while any(filled[n] < len(received[n]) for n in received):
+            msg = await link.read_message(3600)     # bounded by the caller's deadline
+            if msg.type != T.BITMAP or msg.volume not in received:
+                raise wire.ProtocolError(f"expected BITMAP, got {msg.type.name}")
+            buf = received[msg.volume]
+            if msg.offset != filled[msg.volume]:
+                raise wire.ProtocolError("BITMAP chunk out of order")
+            chunk = wire.unpack_bitmap(msg.data, min(wire.BITMAP_CHUNK, len(buf) - msg.offset))
+            buf[msg.offset:msg.offset + len(chunk)] = chunk
+            filled[msg.volume] += len(chunk)
+        return received
+
     async def _begin(self, vs: VolumeState, strategy: str, pv: dict, peer_bitmap) -> None:
         from .bitmap import Bitmap
         if peer_bitmap is not None:
@@ -520,6 +700,8 @@ class Resource:
         vs.sync_started = time.monotonic()
         if strategy in handshake.SOURCES:
             vs.repl, vs.peer_disk = SYNC_SOURCE, INCONSISTENT
+            if self._exposed_since is None and self.role == "Primary":
+                self._exposed_since = time.time()
             sb = vs.vol.md.sb
             if sb.bitmap_gi == 0 and pv["current"] != sb.current_gi:
                 # Remember which generation the target had, so an interrupted
@@ -557,9 +739,12 @@ class Resource:
                 vs.rs_inflight.discard(key)
                 vs.vol.bitmap.clear_range(msg.offset, msg.length)
                 self.stats["resync_bytes"] += msg.length
-            elif t in (T.FLUSH_ACK, T.PING_ACK):
-                futs = self._flushes if t == T.FLUSH_ACK else self._pings
-                fut = futs.pop(msg.seq, None)
+            elif t == T.FLUSH_ACK:
+                entry = self._flushes.pop(msg.seq, None)
+                if entry is not None and not entry[0].done():
+                    entry[0].set_result(None)
+            elif t == T.PING_ACK:
+                fut = self._pings.pop(msg.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
             elif t == T.PING:
@@ -616,7 +801,9 @@ class Resource:
         if not pending or seq < pending[0][0] or seq > self._seq:
             raise wire.ProtocolError(f"WRITE_ACK for unknown write {seq}")
         while pending and pending[0][0] <= seq:
-            fut = pending.popleft()[1]
+            entry = pending.popleft()
+            self._inflight_bytes -= entry[4]
+            fut = entry[1]
             if not fut.done():
                 fut.set_result(None)
 
@@ -734,6 +921,7 @@ class Resource:
             vs.disk, vs.repl = UPTODATE, ESTABLISHED
             await vs.vol.al.settle()     # all synced data is durable (flushed above)
             self._event("sync-finished", volume=number, role="SyncTarget")
+            self._check_in_sync()
 
     # -- resync (source side pushes; see docs/engine.md) ----------------------------------
 
@@ -783,6 +971,7 @@ class Resource:
         vs.repl, vs.peer_disk = ESTABLISHED, UPTODATE
         self._event("sync-finished", volume=vs.vol.number, role="SyncSource",
                     seconds=round(time.monotonic() - vs.sync_started, 3))
+        self._check_in_sync()
 
     async def _ping_loop(self) -> None:
         t = self.cfg.tunables
@@ -798,8 +987,8 @@ class Resource:
                 self._send(wire.encode_u64(T.PING, n))
                 await asyncio.wait_for(fut, max(t.ping_timeout, 5 * t.ping_interval))
             except (TimeoutError, PeerGone):
-                if self._link is not None:
-                    self._link.close()        # the session ends and the link is dropped
+                # The session then ends on the closed link.
+                self._degrade("ping-timeout", "no answer to a keep-alive")
                 return
 
     # -- status ---------------------------------------------------------------------------
@@ -829,7 +1018,24 @@ class Resource:
             vols.append(entry)
         return {"name": self.name, "role": self.role, "connection": self.conn,
                 "peer": self.cfg.peer.name, "peer_role": self.peer_role,
-                "protocol": self.cfg.protocol, "volumes": vols, "stats": dict(self.stats)}
+                "protocol": self.cfg.protocol, "degraded": self.degraded, "rpo": self.rpo_exposure(),
+                "volumes": vols, "stats": dict(self.stats)}
+
+    def rpo_exposure(self) -> dict:
+        """What a disaster now would lose: acknowledged bytes the peer may not have, and
+        the age of the oldest of them. Both 0 while in sync. An upper bound: a block
+        resynced already still counts its first write's age until the resync ends;
+        after a restart the age counts from the restart."""
+        if self.role != "Primary":
+            return {"bytes": 0, "seconds": 0.0}
+        nbytes = sum(vs.vol.bitmap.out_of_sync_bytes for vs in self.vols)
+        since = self._exposed_since if nbytes else None
+        if self.cfg.protocol == "A" and self._pending:     # acknowledged when queued
+            nbytes += self._inflight_bytes
+            sent = time.time() - (time.monotonic() - self._pending[0][5])
+            since = sent if since is None else min(since, sent)
+        age = max(0.0, time.time() - since) if since is not None and nbytes else 0.0
+        return {"bytes": nbytes, "seconds": round(age, 3)}
 
 
 class _Refused(Exception):

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import struct
+import zlib
 from enum import IntEnum
 
 MAGIC = 0x314D4454            # "TDM1"
-VERSION = 2                   # 2: WRITE_ACK is cumulative
+VERSION = 3                   # 2: WRITE_ACK is cumulative; 3: health probe, zlib bitmaps
 HEADER = struct.Struct("<IHHI")
 MAX_DATA = 32 << 20           # largest write or resync block
 MAX_JSON = 256 << 10
@@ -41,7 +42,7 @@ class T(IntEnum):
     STATE = 8          # json: role / disk-state changes, sync start and end
     PING = 9           # id u64
     PING_ACK = 10      # id u64
-    BITMAP = 11        # volume u16, first_bit u64 + bitmap bytes (handshake)
+    BITMAP = 11        # volume u16, first byte u64 + zlib of up to BITMAP_CHUNK bitmap bytes (handshake)
 
 
 _DATA = struct.Struct("<HQQ")
@@ -109,6 +110,28 @@ def encode_rs_ack(volume: int, offset: int, length: int) -> list[bytes]:
 
 def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
     return [_frame(T.BITMAP, _BITMAP.size + len(chunk)) + _BITMAP.pack(volume, first_byte), chunk]
+
+
+BITMAP_CHUNK = 1 << 20        # raw bitmap bytes per BITMAP message
+
+
+def pack_bitmap(bitmap: bytes):
+    """(first byte, zlib chunk) pairs. A bitmap is mostly zeros, so this keeps the
+    state exchange (while the Primary's writes wait) short even for a 1 TiB volume."""
+    for i in range(0, len(bitmap), BITMAP_CHUNK):
+        yield i, zlib.compress(bitmap[i:i + BITMAP_CHUNK], 1)
+
+
+def unpack_bitmap(packed, expected: int) -> bytes:
+    """Inflate one chunk, which must be exactly `expected` bytes (no zip bombs, no trailing data)."""
+    d = zlib.decompressobj()
+    try:
+        raw = d.decompress(packed, expected + 1)
+    except zlib.error as e:
+        raise ProtocolError(f"BITMAP chunk is not valid zlib: {e}") from None
+    if len(raw) != expected or not d.eof or d.unused_data or d.unconsumed_tail:
+        raise ProtocolError(f"BITMAP chunk does not inflate to exactly {expected} bytes")
+    return raw
 
 
 # -- decoding --------------------------------------------------------------------
