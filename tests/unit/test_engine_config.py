@@ -191,9 +191,10 @@ def test_to_dict_is_normalised_and_json_able(tmp_path):
     ]
     assert d["tunables"] == {
         "sync_timeout": 1.0, "congestion_fill": 64 * MiB, "resume_after": 5.0, "connect_interval": 1.0,
-        "connect_interval_max": 30.0,
+        "connect_interval_max": 10.0,
         "ping_interval": 1.0, "ping_timeout": 0.5, "max_epoch_writes": 2048, "al_extents": 1237,
-        "bitmap_block_size": 4096, "resync_rate_max": 100 * MiB, "rp_interval": 0.0, "rp_keep": 24,
+        "bitmap_block_size": 4096, "resync_rate_max": 100 * MiB, "resync_rate_min": 4 * MiB,
+        "rp_interval": 0.0, "rp_keep": 24,
     }
     assert d["nodes"] == [{"name": "hv-a1", "address": "10.202.110.11:7788"},
                           {"name": "hv-b1", "address": "10.202.120.11:7788"}]
@@ -472,10 +473,13 @@ BAD = [
     pytest.param({"tunables.ping_interval": 0.4}, "tunables.ping_timeout",
                  "must be less than tunables.ping_interval (0.4), got 0.5 (the default)",
                  id="ping-interval-below-default-timeout"),
+    pytest.param({"tunables.resync_rate_max": "1MiB"}, "tunables.resync_rate_min",
+                 "must not exceed tunables.resync_rate_max (1 MiB/s), got 4 MiB/s (the default)",
+                 id="rate-min-above-max"),
     pytest.param({"tunables.connect_interval_max": 0.5}, "tunables.connect_interval_max",
                  "must be at least tunables.connect_interval (1), got 0.5", id="backoff-cap-below-interval"),
-    pytest.param({"tunables.connect_interval": 60}, "tunables.connect_interval_max",
-                 "must be at least tunables.connect_interval (60), got 30 (the default)",
+    pytest.param({"tunables.connect_interval": 20}, "tunables.connect_interval_max",
+                 "must be at least tunables.connect_interval (20), got 10 (the default)",
                  id="interval-above-default-backoff-cap"),
     # nbd
     pytest.param({"nbd": "/run/x.sock"}, "nbd", "expected a table, got string '/run/x.sock'",

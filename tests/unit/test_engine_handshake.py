@@ -53,3 +53,30 @@ def test_both_sides_agree(me, peer):
     mine, _ = h.decide(me, peer)
     theirs, _ = h.decide(peer, me)
     assert theirs == h.mirror(mine)
+
+
+@given(me=sides, peer=sides, discard=st.sampled_from([None, "a", "b", "c"]))
+def test_both_sides_agree_with_a_discard_choice(me, peer, discard):
+    peer = h.Side("b", *[getattr(peer, f) for f in ("current", "bitmap", "history", "consistent",
+                                                   "primary", "crashed_primary", "bits")])
+    mine, rule = h.decide(me, peer, discard)
+    theirs, _ = h.decide(peer, me, discard)
+    assert theirs == h.mirror(mine)
+    plain, _ = h.decide(me, peer)
+    survivor = peer if discard == "a" else me
+    if plain != h.SPLIT_BRAIN or discard not in ("a", "b") or not survivor.consistent:
+        assert mine == plain            # the choice only ever resolves a real split brain ...
+    else:                               # ... and never from an inconsistent survivor
+        assert mine in (h.TARGETS if discard == "a" else h.SOURCES), rule
+
+
+def test_discard_after_a_split_from_one_generation_is_a_bitmap_resync():
+    a = side(current=22, bitmap=11, bits=5)
+    b = side("b", 33, bitmap=11, bits=7)
+    assert h.decide(a, b) == (h.SPLIT_BRAIN, "bitmap-both")
+    assert h.decide(a, b, "b") == (h.SOURCE_BITMAP, "discard-peer-bitmap-both")
+    assert h.decide(b, a, "b") == (h.TARGET_BITMAP, "discard-self-bitmap-both")
+    # Without a known common generation the victim gets everything.
+    c = side(current=22, bitmap=0, history=(11, 0, 0, 0))
+    d = side("b", 33, bitmap=0, history=(11, 0, 0, 0))
+    assert h.decide(c, d, "a") == (h.TARGET_FULL, "discard-self-history-both")

@@ -256,13 +256,14 @@ class Tunables:
     congestion_fill: int = _tunable(BYTES, 64 * MiB, 4 * KiB, 16 * GiB, zero="off")
     resume_after: float = _tunable(SECONDS, 5.0, 0.0, 3600.0)
     connect_interval: float = _tunable(SECONDS, 1.0, 0.1, 120.0)
-    connect_interval_max: float = _tunable(SECONDS, 30.0, 0.1, 3600.0)
+    connect_interval_max: float = _tunable(SECONDS, 10.0, 0.1, 3600.0)
     ping_interval: float = _tunable(SECONDS, 1.0, 0.1, 120.0)
     ping_timeout: float = _tunable(SECONDS, 0.5, 0.05, 60.0)
     max_epoch_writes: int = _tunable(COUNT, 2048, 1, 20000)
     al_extents: int = _tunable(COUNT, 1237, 67, 65534, online=False)
     bitmap_block_size: int = _tunable(BYTES, 4 * KiB, 4 * KiB, 1 * MiB, power_of_two=True, online=False)
     resync_rate_max: int = _tunable(RATE, 100 * MiB, 64 * KiB, 64 * GiB, zero="unlimited")
+    resync_rate_min: int = _tunable(RATE, 4 * MiB, 64 * KiB, 64 * GiB)
     rp_interval: float = _tunable(SECONDS, 0.0, 1.0, 31 * DAY, zero="off")
     rp_keep: int = _tunable(COUNT, 24, 1, 10000)
 
@@ -716,6 +717,11 @@ def _parse_tunables(ck: _Checker, value: Any) -> Tunables:
 
 def _check_tunables(ck: _Checker, t: Tunables, given: set[str]) -> None:
     """Rules that involve more than one tunable."""
+    if t.resync_rate_max and t.resync_rate_min > t.resync_rate_max:
+        default = "" if "resync_rate_min" in given else " (the default)"
+        ck.error("tunables.resync_rate_min",
+                 f"must not exceed tunables.resync_rate_max ({format_size(t.resync_rate_max)}/s), "
+                 f"got {format_size(t.resync_rate_min)}/s{default}")
     if t.connect_interval_max < t.connect_interval:
         default = "" if "connect_interval_max" in given else " (the default)"
         ck.error("tunables.connect_interval_max",

@@ -66,11 +66,15 @@ def main(argv=None) -> int:
                     help="promote even without the peer (disaster failover) or with Inconsistent data")
     se = sub.add_parser("secondary", help="demote a resource")
     se.add_argument("resource")
+    rv = sub.add_parser("resolve", help="after a split brain: discard one node's changes and reconnect")
+    rv.add_argument("resource")
+    rv.add_argument("--discard", required=True, metavar="NODE",
+                    help="the node whose changes since the split are thrown away (it becomes sync target)")
     ad = sub.add_parser("adjust", help="make the running resources match the resource files")
     ad.add_argument("resource", nargs="?")
     ad.add_argument("--dry-run", action="store_true", help="print the planned actions only")
     sub.add_parser("events", help="stream state changes as JSON lines")
-    for sp in (pr, se, ad):
+    for sp in (pr, se, rv, ad):
         sp.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -81,6 +85,8 @@ def main(argv=None) -> int:
         req["force"] = True
     if getattr(args, "dry_run", False):
         req["dry_run"] = True
+    if getattr(args, "discard", None):
+        req["discard"] = args.discard
     try:
         if args.cmd == "events":
             return _events(args.socket)

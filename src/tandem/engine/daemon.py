@@ -5,8 +5,9 @@
   read-write only while the resource is Primary;
 - answers `tandemctl` on a unix control socket with one JSON object per line.
 
-Control requests: {"cmd": "status" | "primary" | "secondary" | "adjust" |
-"events", "resource": ..., "force": bool, "dry_run": bool}. Every reply has
+Control requests: {"cmd": "status" | "primary" | "secondary" | "resolve" |
+"adjust" | "events", "resource": ..., "force": bool, "dry_run": bool,
+"discard": node}. Every reply has
 "ok"; a refusal carries "error" with the engine's reason.
 """
 
@@ -184,6 +185,9 @@ class Daemon:
             return {"ok": True, "resource": self._res(name).status()}
         if cmd == "secondary":
             await self._res(name).demote()
+            return {"ok": True, "resource": self._res(name).status()}
+        if cmd == "resolve":
+            await self._res(name).resolve(str(req.get("discard")))
             return {"ok": True, "resource": self._res(name).status()}
         if cmd == "adjust":
             return await self._adjust(name, bool(req.get("dry_run")))

@@ -50,9 +50,23 @@ def mirror(strategy: str) -> str:
     return _MIRROR[strategy]
 
 
-def decide(me: Side, peer: Side) -> tuple[str, str]:
-    """(strategy for *me*, rule name). The peer computes the mirror image."""
+def decide(me: Side, peer: Side, discard: str | None = None) -> tuple[str, str]:
+    """(strategy for *me*, rule name). The peer computes the mirror image.
+
+    `discard` names the node whose changes an operator chose to throw away
+    after a split brain (`tandemctl resolve --discard NODE`); it is only
+    used when the generations really are split.
+    """
     strategy, rule = _compare(me, peer)
+    survivor = peer if discard == me.node else me
+    if strategy == SPLIT_BRAIN and discard in (me.node, peer.node) and survivor.consistent:
+        # Both moved on from one generation (bitmap-both): the union of the two
+        # bitmaps holds every block either side changed since, so a bitmap
+        # resync suffices. Otherwise the common point is unknown: full sync.
+        kind = "bitmap" if rule == "bitmap-both" else "full"
+        if discard == me.node:
+            return (TARGET_BITMAP if kind == "bitmap" else TARGET_FULL), f"discard-self-{rule}"
+        return (SOURCE_BITMAP if kind == "bitmap" else SOURCE_FULL), f"discard-peer-{rule}"
     # A side that is not consistent can never be a source; one that is, never
     # needs a full sync from an inconsistent peer (initial sync, interrupted sync).
     if strategy == NO_SYNC and me.consistent != peer.consistent:

@@ -170,8 +170,14 @@ class Link(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def close(self) -> None:
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
+
+    def finish(self) -> None:
+        """Close after sending what is queued (a refusal the peer must hear about)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._flush()
+            self.transport.close()
 
     async def read_message(self, timeout: float) -> wire.Message:
         """The next message, during the handshake (before on_messages is set)."""

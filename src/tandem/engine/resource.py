@@ -40,6 +40,8 @@ from .metadata import (
     PRIMARY,
     WAS_UP_TO_DATE,
 )
+from .pacer import TICK as PACER_TICK
+from .pacer import ResyncPacer
 from .rangelock import RangeLock
 from .volume import INLINE, Volume, run_io, write_batch
 from .waiters import wait, wake_all
@@ -59,6 +61,7 @@ RESYNC_BLOCK = 1 << 20          # bytes per resync request
 RESYNC_WINDOW = 8               # resync blocks in flight
 APPLY_QUEUE_BYTES = 64 << 20    # received but not yet applied, on the secondary
 APPLY_BATCH = 256               # messages applied per thread hop at most
+UNLIMITED_RATE = 64 << 30       # resync_rate_max = 0: the pacer still needs a ceiling
 
 
 class RoleError(Exception):
@@ -79,6 +82,7 @@ class VolumeState:
     sync_started: float = 0.0
     rs_inflight: set = field(default_factory=set)
     latency_ewma_us: float = 0.0
+    resync_rate: float = 0.0     # bytes/s the pacer allows right now (sync source)
 
 
 class Resource:
@@ -109,6 +113,10 @@ class Resource:
         self._lost_link = False        # a connection was lost since start: probe the next one
         # Wall-clock time of the oldest acknowledged write the peer does not have.
         self._exposed_since: float | None = None
+        self._fg_latency_us = 0.0          # cumulative application write latency ...
+        self._fg_writes = 0                # ... and count (the pacer takes differences)
+        #: After a split brain: the node whose changes the operator chose to discard.
+        self._discard: str | None = None
         self._pings: dict[int, asyncio.Future] = {}
         self._gi_lock = asyncio.Lock()
         self._stopping = False
@@ -231,6 +239,23 @@ class Resource:
         if self.conn == CONNECTED:
             self._send(wire.encode_json(T.STATE, {"role": self.role}))
 
+    async def resolve(self, discard: str) -> None:
+        """After a split brain: throw away `discard`'s changes and reconnect.
+
+        Run on either node; the choice travels in the handshake, and only a
+        real split brain uses it. The discarded node must not be Primary.
+        """
+        nodes = (self.cfg.local.name, self.cfg.peer.name)
+        if discard not in nodes:
+            raise RoleError(f"{self.name}: --discard must name one of its nodes: {', '.join(nodes)}")
+        if discard == self.cfg.local.name and self.role == "Primary":
+            raise RoleError(f"{self.name}: this node is Primary; demote it before discarding its data")
+        self._discard = discard
+        self._event("resolve-requested", discard=discard)
+        if self.conn == STANDALONE and not self._stopping:
+            self.conn = CONNECTING
+            self._spawn(self._connect_loop(), "connect")
+
     # -- application I/O (the NBD exports call these) --------------------------------
 
     def replicating(self, vs: VolumeState) -> bool:
@@ -302,6 +327,8 @@ class Resource:
         self._settle(vs, fut, offset, length)
         us = (time.monotonic() - t0) * 1e6
         vs.latency_ewma_us = us if not vs.latency_ewma_us else 0.9 * vs.latency_ewma_us + 0.1 * us
+        self._fg_latency_us += us          # read by the resync pacer
+        self._fg_writes += 1
 
     @staticmethod
     def _settle(vs: VolumeState, fut, offset: int, length: int) -> None:
@@ -373,6 +400,7 @@ class Resource:
             except (OSError, ConnectionError) as e:
                 self._drop_connection(f"link lost: {e.__class__.__name__}", kind="link-lost")
             except _Refused as e:
+                link.finish()            # the peer must get our HELLO to reach the same verdict
                 self._drop_connection(str(e), standalone=e.standalone, kind="refused")
                 if e.standalone:
                     return
@@ -463,7 +491,7 @@ class Resource:
             log.error("link handler failed resource=%s from=%s error=%r", self.name, link.peer, exc)
 
     def _on_accept(self, link: Link) -> None:
-        if self._dialer or self.conn == CONNECTED or self._accepted.full():
+        if self._dialer or self.conn in (CONNECTED, STANDALONE) or self._accepted.full():
             link.close()            # only one link per resource, and we are the dialer
             return
         self._accepted.put_nowait(link)
@@ -538,7 +566,7 @@ class Resource:
                          "crashed_primary": sb.has(CRASHED_PRIMARY), "bits": vs.vol.bitmap.count})
         return {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
                 "peer": self.cfg.peer.name, "role": self.role, "protocol": self.cfg.protocol,
-                "volumes": vols}
+                "discard": self._discard, "volumes": vols}
 
     async def _session(self, link: Link) -> None:
         # 1. Identify both ends first, while writes go on: a stray or hostile
@@ -648,11 +676,15 @@ class Resource:
 
     def _plan(self, hello: dict, peer: dict) -> list:
         """Decide, per volume, what the connection does (mirror images on the two sides)."""
+        discard = hello["discard"] or peer["discard"]
+        if hello["discard"] and peer["discard"] and hello["discard"] != peer["discard"]:
+            raise _Refused(f"the nodes disagree on whose data to discard ({hello['discard']!r} here, "
+                           f"{peer['discard']!r} on the peer)", True)
         plans = []
         for vs, pv in zip(self.vols, peer["volumes"], strict=True):
             me = handshake.Side.from_hello(self.cfg.local.name, self.role, hello["volumes"][vs.vol.number])
             them = handshake.Side.from_hello(self.cfg.peer.name, self.peer_role, pv)
-            strategy, rule = handshake.decide(me, them)
+            strategy, rule = handshake.decide(me, them, discard)
             self._event("handshake", volume=vs.vol.number, strategy=strategy, rule=rule,
                         self_gi=_gi(me.current), peer_gi=_gi(them.current))
             if strategy in (handshake.SPLIT_BRAIN, handshake.UNRELATED):
@@ -662,6 +694,9 @@ class Resource:
                 raise _Refused(f"volume {vs.vol.number}: the Primary would become sync target "
                                f"(rule {rule}); refusing", True)
             plans.append((vs, strategy, pv))
+        if discard:
+            self._event("split-brain-resolved", discard=discard)
+            self._discard = None
         self._event("connected", peer=self.cfg.peer.name, peer_role=self.peer_role)
         return plans
 
@@ -930,11 +965,17 @@ class Resource:
             await self._resync_source_loop(vs)
         except (PeerGone, ConnectionError, OSError) as e:
             log.info("resync stopped resource=%s volume=%s reason=%r", self.name, vs.vol.number, e)
+        except Exception:  # noqa: BLE001 - a bug must not leave the volume stuck in SyncSource
+            log.exception("resync failed resource=%s volume=%s", self.name, vs.vol.number)
+            self._drop_connection("resync failed (see the log)", kind="internal-error")
 
     async def _resync_source_loop(self, vs: VolumeState) -> None:
         number, lock = vs.vol.number, self.locks[vs.vol.number]
-        rate = self.cfg.tunables.resync_rate_max
-        t_start, sent = time.monotonic(), 0
+        t = self.cfg.tunables
+        pacer = ResyncPacer(t.resync_rate_min, t.resync_rate_max or UNLIMITED_RATE, vs.latency_ewma_us)
+        vs.resync_rate = pacer.rate
+        seen = (self._fg_latency_us, self._fg_writes)
+        next_tick = next_send = time.monotonic()
         while vs.repl == SYNC_SOURCE:
             ranges = list(_blocks(vs.vol.bitmap.ranges(), RESYNC_BLOCK))
             if not ranges and not vs.rs_inflight:
@@ -951,11 +992,14 @@ class Resource:
                     data = await vs.vol.pread(offset, length)
                     vs.rs_inflight.add((offset, length))
                     self._send(wire.encode_rs_data(number, offset, data))
-                sent += length
-                if rate:
-                    ahead = sent / rate - (time.monotonic() - t_start)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+                now = time.monotonic()
+                if now >= next_tick:
+                    now_seen = (self._fg_latency_us, self._fg_writes)
+                    vs.resync_rate = pacer.tick(now_seen[0] - seen[0], now_seen[1] - seen[1])
+                    seen, next_tick = now_seen, now + PACER_TICK
+                next_send = max(next_send, now - PACER_TICK) + length / vs.resync_rate
+                if next_send > now:
+                    await asyncio.sleep(next_send - now)
                 await self._drain()
             while vs.rs_inflight and vs.repl == SYNC_SOURCE:
                 await asyncio.sleep(0.005)
@@ -1015,6 +1059,8 @@ class Resource:
                 eta = (elapsed / done * (vs.sync_total - done)) if done else None
                 entry.update(sync_percent=round(pct, 1),
                              sync_eta_seconds=None if eta is None else round(eta, 1))
+                if vs.repl == SYNC_SOURCE:
+                    entry["resync_rate"] = int(vs.resync_rate)
             vols.append(entry)
         return {"name": self.name, "role": self.role, "connection": self.conn,
                 "peer": self.cfg.peer.name, "peer_role": self.peer_role,
@@ -1075,6 +1121,8 @@ def _validate_hello(body: dict, res: Resource) -> dict:
     try:
         if body["role"] not in ("Primary", "Secondary"):
             raise wire.ProtocolError("bad role")
+        if body["discard"] not in (None, res.cfg.local.name, res.cfg.peer.name):
+            raise wire.ProtocolError("bad discard")
         if body["protocol"] != res.cfg.protocol:
             raise wire.ProtocolError(f"peer uses protocol {body['protocol']}, we use {res.cfg.protocol}")
         vols = body["volumes"]
