@@ -403,19 +403,27 @@ class RPStore:
         """
         with self._admin:
             self._check_open()
-            log = self._log(rp_id)
-            if self._pins.get(rp_id):
-                raise RPInUse(f"recovery point {rp_id!r} is in use ({self._pins[rp_id]} exports/clones)")
+            with self._lock:                  # checked and hidden at once: no new pin or read
+                log = self._log(rp_id)
+                if self._pins.get(rp_id):
+                    raise RPInUse(f"recovery point {rp_id!r} is in use "
+                                  f"({self._pins[rp_id]} exports/clones)")
+                del self._by_id[rp_id]
             # Deleting the newest: no preserve may append to it meanwhile, and the
             # older log becomes the newest.
             with self._plock if log is self._newest else contextlib.nullcontext():
                 if self._chain[0] is not log:
                     deleting = os.path.join(self.directory, rp_id + DELETING)
-                    os.rename(log.path, deleting)
+                    try:
+                        os.rename(log.path, deleting)
+                    except BaseException:
+                        with self._lock:      # nothing changed: the RP is still there
+                            self._by_id[rp_id] = log
+                        raise
                     log.path = deleting
                     _fsync_dir(self.directory)
-                with self._lock:
-                    del self._by_id[rp_id]
+                # From here a failure (ENOSPC in the older log) leaves the RP hidden
+                # and its records still in the chain; the next open finishes the delete.
                 self._finish_delete(log)
 
     def restore(self, rp_id: str) -> list[tuple[int, int]]:
