@@ -125,7 +125,9 @@ def parse_header(fields: tuple[int, int, int, int]) -> tuple[T, int, int]:
     """Validate an unpacked HEADER; returns (type, flags, payload length)."""
     magic, number, flags, length = fields
     if magic != MAGIC:
-        raise ProtocolError(f"bad magic {magic:#x}")
+        # 0x16 0x03: a TLS handshake record, from a peer that is not in plaintext mode.
+        hint = ": a TLS handshake, but this node has security.plaintext" if magic & 0xFFFF == 0x0316 else ""
+        raise ProtocolError(f"bad magic {magic:#x}{hint}")
     t = _TYPES.get(number)
     if t is None:
         raise ProtocolError(f"unknown message type {number}")
