@@ -29,7 +29,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from . import handshake, wire
+from . import auth, handshake, security, wire
 from .link import Link, connect, listen
 from .metadata import (
     CONSISTENT,
@@ -111,11 +111,12 @@ class Resource:
         self._writes_idle: list[asyncio.Future] = []
         self._accepted: asyncio.Queue = asyncio.Queue(maxsize=4)
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "resync_bytes": 0,
-                      "connects": 0, "protocol_errors": 0}
+                      "connects": 0, "protocol_errors": 0, "auth_errors": 0}
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        self.security = security.load(self.cfg)     # SecurityError: the resource does not start
         t = self.cfg.tunables
         for vcfg in self.cfg.volumes:
             md_path = vcfg.metadata or os.path.join(self.state_dir, self.name, f"vol{vcfg.number}.md")
@@ -135,7 +136,8 @@ class Resource:
         if not self._dialer:
             # Only the side that waits for the peer listens.
             local = self.cfg.local
-            self._server = await listen(local.host, local.port, self._on_accept, self._link_failed)
+            self._server = await listen(local.host, local.port, self._on_accept, self._link_failed,
+                                        lambda: self.security.server_tls)
         self._spawn(self._connect_loop(), "connect")
         self._event("started", conn=self.conn)
 
@@ -328,7 +330,8 @@ class Resource:
         while not self._stopping:
             try:
                 if self._dialer:
-                    link = await connect(self.cfg.peer.host, self.cfg.peer.port, 5, self._link_failed)
+                    link = await connect(self.cfg.peer.host, self.cfg.peer.port, 5, self._link_failed,
+                                         self.security.client_tls)
                 else:
                     link = await self._accepted.get()
             except (TimeoutError, OSError):
@@ -355,6 +358,8 @@ class Resource:
         """A connection ended on bad input: count and log it, whichever side noticed."""
         if isinstance(exc, wire.ProtocolError):
             self.stats["protocol_errors"] += 1
+            if isinstance(exc, auth.AuthError):
+                self.stats["auth_errors"] += 1
             log.warning("protocol error resource=%s peer=%s from=%s reason=%s", self.name,
                         self.cfg.peer.name, link.peer, exc)
         elif not isinstance(exc, ConnectionError):
@@ -365,6 +370,13 @@ class Resource:
             link.close()            # only one link per resource, and we are the dialer
             return
         self._accepted.put_nowait(link)
+
+    async def change_security(self, cfg) -> None:
+        """adjust: new [security] settings. Loaded first (SecurityError: nothing changes),
+        then the link reconnects with them."""
+        self.security = security.load(cfg)
+        self.cfg = cfg
+        await self._drop_connection("security settings changed")
 
     async def _drop_connection(self, reason: str, standalone: bool = False) -> None:
         self._io_open.set()
@@ -428,11 +440,13 @@ class Resource:
         #    connection must not be able to pause the Primary's I/O.
         ident = {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
                  "peer": self.cfg.peer.name}
+        ident["nonce"] = nonce = auth.new_nonce()
         link.send(wire.encode_json(T.HELLO, ident))
         msg = await link.read_message(5)
         if msg.type != T.HELLO:
             raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
         _validate_ident(msg.body, self)
+        await self.security.authenticate(link, nonce, msg.body)    # the shared secret (auth.py)
         # 2. Pause writes so that each one is either replicated or in the bitmap
         #    that the state exchange describes, then exchange state.
         self._io_open.clear()
