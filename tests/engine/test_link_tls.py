@@ -13,7 +13,7 @@ import pytest
 from tandem.engine import security, wire
 from tandem.engine.auth import AuthError
 from tandem.engine.config import parse_resource
-from tandem.engine.link import BIG, TLS, Link, connect, listen
+from tandem.engine.link import BIG, MAX_HANDSHAKES, TLS, Link, connect, listen
 
 from .certs import pki, write_secret
 
@@ -131,6 +131,31 @@ def test_a_connection_that_never_handshakes_is_dropped(tmp_path):
         assert await asyncio.wait_for(reader.read(), 3) == b""      # closed after ~0.3 s
         writer.close()
         assert accepted.empty()
+        server.close()
+
+    asyncio.run(go())
+
+
+def test_stray_connections_cannot_pile_up(tmp_path):
+    """At most MAX_HANDSHAKES at once, each for at most handshake_timeout; then the peer gets in."""
+    client_tls, server_tls = contexts(tmp_path)
+    quick = TLS(server_tls.context, server_tls.peer_name, handshake_timeout=0.5)
+
+    async def go():
+        accepted: asyncio.Queue = asyncio.Queue()
+        server = await listen("127.0.0.1", 0, accepted.put_nowait, None, lambda: quick)
+        port = server.sockets[0].getsockname()[1]
+        strays = [await asyncio.open_connection("127.0.0.1", port) for _ in range(MAX_HANDSHAKES)]
+        await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.read(), 0.3) == b""    # one too many: dropped at once
+        writer.close()
+        for reader, writer in strays:
+            assert await asyncio.wait_for(reader.read(), 3) == b""  # each after its timeout
+            writer.close()
+        client = await connect("127.0.0.1", port, 5, None, client_tls)
+        assert (await asyncio.wait_for(accepted.get(), 5)).transport is not None
+        client.close()
         server.close()
 
     asyncio.run(go())

@@ -90,6 +90,7 @@ class Link(asyncio.BufferedProtocol):
         self._tls = False
         self._dialed = False            # set by connect()
         self._heard = False             # a message arrived before start_dispatch
+        self._closed = False            # close() was called
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -182,7 +183,8 @@ class Link(asyncio.BufferedProtocol):
             self.error = AuthError(f"TLS: connection with {self.peer} failed: {_tls_reason(exc)}")
             if self.on_error is not None:
                 self.on_error(self, self.error)
-        if self.error is None and self._tls and self._dialed and not self._heard and self.on_messages is None:
+        if (self.error is None and self._tls and self._dialed and not self._heard and not self._closed
+                and self.on_messages is None):
             # In TLS 1.3 the listener checks our certificate after our side of the
             # handshake is done; when it refuses it, it just closes (asyncio sends no alert).
             log.warning("%s closed the TLS connection before sending anything (if this repeats, it "
@@ -215,6 +217,7 @@ class Link(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def close(self) -> None:
+        self._closed = True
         if self.transport is not None:
             self.transport.abort()
 
