@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import subprocess
 
@@ -98,3 +99,28 @@ def test_an_encrypted_key_is_refused_without_prompting(tmp_path):
     (msg,) = problems(tmp_path, tls_key=locked)
     assert msg == ("security.tls_key: resource 'vm1': the private key is encrypted; tandemd needs it "
                    "unencrypted (readable by tandemd only)")
+
+
+class _Link:
+    """Just what Security.authenticate and revoke look at before any I/O."""
+
+    def __init__(self, tls):
+        self.tls, self.closed = tls, False
+
+    def close(self):
+        self.closed = True
+
+
+def test_replaced_settings_let_no_link_through(tmp_path):
+    """adjust (change-security) revokes the old settings: links made or let in with them close."""
+    old, new = security.load(cfg(tmp_path)), security.load(cfg(tmp_path))
+    stale = _Link(old.server_tls)
+    with pytest.raises(ConnectionResetError, match="security settings changed during the handshake"):
+        asyncio.run(new.authenticate(stale, "00" * 32, {}))
+    plain = security.load(cfg(tmp_path, plaintext=True))
+    links = [_Link(None), _Link(None)]
+    for link in links:
+        asyncio.run(plain.authenticate(link, "00" * 32, {}))      # plaintext: nothing to prove
+    assert not any(link.closed for link in links)
+    plain.revoke()
+    assert all(link.closed for link in links)

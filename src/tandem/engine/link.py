@@ -91,6 +91,8 @@ class Link(asyncio.BufferedProtocol):
         self._dialed = False            # set by connect()
         self._heard = False             # a message arrived before start_dispatch
         self._closed = False            # close() was called
+        #: The TLS settings this link was made with (None: plaintext).
+        self.tls: TLS | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -325,7 +327,7 @@ async def connect(host: str, port: int, timeout: float,
             link.fail(err)
             raise ConnectionRefusedError(str(err))
         _established(link.transport, link.peer, tls.peer_name)
-    link._dialed = True
+    link.tls, link._dialed = tls, True
     return link
 
 
@@ -412,6 +414,7 @@ class _Handshake(asyncio.Protocol):
             transport.abort()
             return
         _established(transport, link.peer, tls.peer_name)
+        link.tls = tls
         transport.set_protocol(link)
         link.connection_made(transport)
         if self._early and link.transport is not None and not link.transport.is_closing():

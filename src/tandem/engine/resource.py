@@ -374,8 +374,9 @@ class Resource:
     async def change_security(self, cfg) -> None:
         """adjust: new [security] settings. Loaded first (SecurityError: nothing changes),
         then the link reconnects with them."""
-        self.security = security.load(cfg)
-        self.cfg = cfg
+        new = security.load(cfg)
+        old, self.security, self.cfg = self.security, new, cfg
+        old.revoke()            # also a link still in its handshake, not only self._link
         await self._drop_connection("security settings changed")
 
     async def _drop_connection(self, reason: str, standalone: bool = False) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import ssl
+import weakref
 from dataclasses import dataclass, field
 
 from . import auth, wire
@@ -45,6 +46,8 @@ class Security:
     #: To dial the peer / to accept it.
     client_tls: TLS | None = None
     server_tls: TLS | None = None
+    #: Links that passed `authenticate` with these settings (closed by `revoke`).
+    _links: weakref.WeakSet = field(default_factory=weakref.WeakSet, compare=False, repr=False)
 
     @property
     def plaintext(self) -> bool:
@@ -57,6 +60,10 @@ class Security:
         Raises auth.AuthError (a wire.ProtocolError) if the peer's proof is
         wrong. Does nothing in plaintext mode.
         """
+        if not any(link.tls is tls for tls in (self.client_tls, self.server_tls)):
+            # Made with settings that adjust has replaced since: not good enough any more.
+            raise ConnectionResetError("the security settings changed during the handshake")
+        self._links.add(link)
         if self.secret is None:
             return
         theirs = auth.parse_nonce(peer_ident.get("nonce"), nonce)
@@ -66,6 +73,12 @@ class Security:
         if msg.type != wire.T.AUTH:
             raise wire.ProtocolError(f"expected AUTH, got {msg.type.name}")
         auth.verify(self.secret, self.resource, self.peer, ours, theirs, msg.data)
+
+
+    def revoke(self) -> None:
+        """These settings are replaced: close every link that was let in with them."""
+        for link in list(self._links):
+            link.close()
 
 
 def load(cfg) -> Security:
