@@ -10,6 +10,10 @@ Targets (each set up in a temporary directory, all on loopback / unix sockets):
   d  proto-a     tandemd protocol A, likewise
   e  nbd-runner  the bare NBD server, ``python -m tandem.engine.nbd --file``
 
+The replication link runs over mutual TLS with the resource's shared secret, as
+deployed (``--link plaintext`` to measure without): certificates from a throw-away
+CA per site, made with the openssl CLI.
+
 Workloads (fio, ioengine=nbd): 4 KiB random write at QD1 and QD16, 1 MiB sequential
 write at QD16. Every (target, workload) pair is run ``--runs`` times; the targets are
 interleaved within each round (and their order rotated from round to round) so that
@@ -26,6 +30,7 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -345,7 +350,8 @@ class Node:
     def disk(self) -> Path:
         return self.root / "data" / "disk0.img"
 
-    def write_config(self, protocol: str, ports: dict[str, int], size: int, tunables: dict) -> None:
+    def write_config(self, protocol: str, ports: dict[str, int], size: int, tunables: dict,
+                     security: dict | None = None) -> None:
         lines = [f'resource = "{RESOURCE}"', f'protocol = "{protocol}"', f'local_node = "{self.name}"']
         for n in ("a", "b"):
             lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{ports[n]}"']
@@ -354,6 +360,9 @@ class Node:
         if tunables:
             lines.append("[tunables]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in tunables.items()]
+        if security:
+            lines.append("[security]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in security.items()]
         (self.root / "etc" / f"{RESOURCE}.toml").write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
@@ -448,6 +457,17 @@ class Target:
         reason = self.dead()
         return None if reason is None else f"server died: {reason.splitlines()[0]}"
 
+    def security(self, node: str) -> dict | None:
+        """The [security] table for tandemd node "a" or "b" of this target (None: leave it out)."""
+        if not has_security(self.src):
+            return None                 # an engine tree from before [security] (--compare): plaintext
+        if self.ctx.link == "plaintext":
+            return {"plaintext": True}
+        return self.ctx.tls(node)
+
+    def link(self) -> str:
+        return "plaintext" if not has_security(self.src) or self.ctx.link == "plaintext" else "tls"
+
     def describe(self) -> dict:
         return {"letter": self.letter, "title": self.title, "uri": self.uri, "pids": self.pids,
                 "src": str(self.src), "src_sha256": src_digest(self.src),
@@ -489,7 +509,7 @@ class StandaloneTarget(Target):
         node = self.node = Node(self.spawn, self.dir, "a", self.ctx.python, self.src)
         # Node b exists in the configuration only: nothing listens on its port.
         ports = {"a": free_port(), "b": free_port()}
-        node.write_config("C", ports, self.ctx.size, self.ctx.tunables)
+        node.write_config("C", ports, self.ctx.size, self.ctx.tunables, self.security("a"))
         make_backing(node.disk, self.ctx.size, self.ctx.prealloc)
         node.start()
         node.tandemctl("primary", RESOURCE, "--force")
@@ -516,7 +536,8 @@ class PairTarget(Target):
         b = self.b = Node(self.spawn, self.dir, "b", self.ctx.python, self.src)
         ports = {"a": free_port(), "b": free_port()}
         for node in (a, b):
-            node.write_config(self.protocol, ports, self.ctx.size, self.ctx.tunables)
+            node.write_config(self.protocol, ports, self.ctx.size, self.ctx.tunables,
+                              self.security(node.name))
             make_backing(node.disk, self.ctx.size, self.ctx.prealloc)
         a.start()
         b.start()
@@ -563,7 +584,7 @@ class PairTarget(Target):
         return None
 
     def describe(self) -> dict:
-        return {**super().describe(), "protocol": self.protocol,
+        return {**super().describe(), "protocol": self.protocol, "link": self.link(),
                 "initial_sync_seconds": getattr(self, "initial_sync_seconds", None)}
 
 
@@ -589,7 +610,34 @@ class Context:
         self.nbdkit = args.nbdkit
         # Defaults otherwise (docs/engine-config.md); the initial full sync runs unthrottled.
         self.tunables = {"resync_rate_max": 0}
+        self.link = args.link
+        self._pki = None
 
+    def tls(self, node: str) -> dict:
+        """Node a's or b's [security] paths: a CA per site (the tests' certs.py), one shared secret."""
+        if self._pki is None:
+            self._pki = _load_certs().PKI(self.workdir / "pki")
+            secret = self.workdir / "pki" / "secret.key"
+            secret.write_text(os.urandom(32).hex() + "\n")
+            secret.chmod(0o600)
+        site, peer_site = ("site-a", "site-b") if node == "a" else ("site-b", "site-a")
+        pem = self._pki.issue(site, node)
+        return {"tls_cert": str(pem.cert), "tls_key": str(pem.key),
+                "tls_ca": str(self._pki.ca(peer_site).cert),
+                "secret_file": str(self.workdir / "pki" / "secret.key")}
+
+
+def _load_certs():
+    """tests/engine/certs.py (standard library and the openssl CLI), loaded by path."""
+    spec = importlib.util.spec_from_file_location("tandem_test_certs", REPO / "tests" / "engine" / "certs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def has_security(src: Path) -> bool:
+    """Whether an engine tree knows the [security] table (older ones refuse it as an unknown key)."""
+    return "SecurityConfig" in (src / "tandem" / "engine" / "config.py").read_text()
 
 # --------------------------------------------------------------------------- fio
 
@@ -617,6 +665,13 @@ def check_tools(args, targets: list[str]) -> dict:
     if proc.returncode != 0:
         raise BenchError(f"cannot run the engine's Python {args.python}: {proc.stderr.strip()}")
     versions["python"] = proc.stdout.strip()
+    if args.link == "tls" and set(targets) & {"standalone", "proto-c", "proto-a"}:
+        openssl = _load_certs().OPENSSL
+        if not os.access(openssl, os.X_OK):
+            raise BenchError(f"{openssl} not found: the TLS link needs it to make test certificates "
+                             "(apt-get install -y openssl), or use --link plaintext")
+        proc = subprocess.run([openssl, "version"], capture_output=True, text=True)
+        versions["openssl"] = proc.stdout.strip()
     if args.py_spy and shutil.which(args.py_spy_bin) is None:
         raise BenchError(f"--py-spy: {args.py_spy_bin} not found (pip install py-spy into the venv)")
     return versions
@@ -885,7 +940,8 @@ def evaluate(summary: dict, records: list[dict]) -> list[dict]:
 def markdown(summary: dict, checks: list[dict], records: list[dict], meta: dict) -> str:
     lines = [f"### tandemd benchmark — {meta['timestamp']}", "",
              f"{meta['runs']} runs per cell, medians; fio {meta['runtime']:g} s time_based after "
-             f"{meta['ramp']:g} s ramp; volume {meta['size'] // MiB} MiB; {meta['host']['cpus']} CPUs; "
+             f"{meta['ramp']:g} s ramp; volume {meta['size'] // MiB} MiB; replication link "
+             f"{meta.get('link', 'plaintext')}; {meta['host']['cpus']} CPUs; "
              f"commit {meta['git'].get('commit', '?')[:12]}"
              f"{' + uncommitted src changes' if meta['git'].get('dirty') else ''} "
              f"(src sha256 {meta['git'].get('src_sha256', '?')[:12]}).",
@@ -1034,6 +1090,10 @@ def parse_args(argv=None):
                         "(a src/ directory holding tandem/engine, e.g. of a git worktree), as target "
                         "KEY@NAME, interleaved with the others: A/B a change in one invocation. "
                         "Repeatable")
+    p.add_argument("--link", choices=("tls", "plaintext"), default="tls",
+                   help="the replication link of targets b-d: mutual TLS with the shared secret, as deployed "
+                        "(default), or security.plaintext = true to measure without it. A --compare tree "
+                        "from before [security] always runs plaintext")
     p.add_argument("--max-restarts", type=int, default=2,
                    help="set a target up again at most this often when its server dies (default 2)")
     p.add_argument("--output", default=None,
@@ -1157,7 +1217,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup, "sync_between": args.sync_between, "pause": args.pause,
             "targets": [t.key for t in targets], "workloads": args.workloads, "versions": versions,
             "labels": {t.key: (t.letter, t.title) for t in targets},
-            "git": git_start, "tunables": ctx.tunables,
+            "git": git_start, "tunables": ctx.tunables, "link": args.link,
             "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "machine": platform.machine(),
                      "loadavg_end": os.getloadavg(), "workdir": args.workdir},
             "target_details": {t.key: t.describe() for t in targets},

@@ -1,7 +1,10 @@
 """Two real tandemd processes on loopback, for engine tests.
 
 Each node gets its own config, state, run and data directories under a
-temporary directory; they talk over TCP on 127.0.0.1 like two sites would.
+temporary directory; they talk over TCP on 127.0.0.1 like two sites would,
+over mutual TLS with the resource's shared secret (certs.py): node "a" has a
+certificate from the site-a CA and trusts the site-b CA, node "b" the
+reverse.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import time
 from pathlib import Path
 
 from tandem.faultproxy import ProxyControl
+
+from .certs import pki, write_secret
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -99,33 +104,55 @@ class Pair:
     With proxy=True the link goes through a fault proxy process (tandem.faultproxy):
     "a" dials (its name sorts first), so only a's idea of b's address points at
     the proxy; `pair.link` then sets faults on it.
+
+    `security[node.name]` is that node's [security] table; change it with
+    `set_security` (then restart the node or run adjust on it).
     """
 
     def __init__(self, root: Path, resource: str = "vm1", size: int = 16 * MiB, volumes: int = 1,
                  protocol: str = "C", tunables: dict | None = None, proxy: bool = False):
-        self.resource, self.size, self.volumes = resource, size, volumes
+        self.resource, self.size, self.volumes, self.protocol = resource, size, volumes, protocol
         self.root = root
         self.a, self.b = Node(root, "a"), Node(root, "b")
-        ports = {"a": free_port(), "b": free_port()}
+        self.ports = {"a": free_port(), "b": free_port()}
         self.proxy_port = free_port() if proxy else None
         self.proxy: subprocess.Popen | None = None
         self.link: ProxyControl | None = None
-        self._b_port = ports["b"]
-        tun = {"connect_interval": 0.2, "connect_interval_max": 1.0, "resume_after": 0.3,
-               "ping_interval": 0.5, "ping_timeout": 0.4, **(tunables or {})}
-        for node in (self.a, self.b):
-            lines = [f'resource = "{resource}"', f'protocol = "{protocol}"',
-                     f'local_node = "{node.name}"']
-            for n in ("a", "b"):
-                port = self.proxy_port if (proxy and node is self.a and n == "b") else ports[n]
-                lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{port}"']
-            for v in range(volumes):
-                lines += ["[[volumes]]", f"number = {v}",
-                          f'path = "{node.root / "data" / f"disk{v}.img"}"',
-                          f"size = {size}", f'export = "{resource}/disk{v}"']
-            lines.append("[tunables]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in tun.items()]
-            (node.config_dir / f"{resource}.toml").write_text("\n".join(lines) + "\n")
+        self._b_port = self.ports["b"]
+        self.tunables = {"connect_interval": 0.2, "connect_interval_max": 1.0, "resume_after": 0.3,
+                         "ping_interval": 0.5, "ping_timeout": 0.4, **(tunables or {})}
+        self.pki = pki()
+        secret = write_secret(root / "secret.key")
+        self.security: dict[str, dict] = {}
+        for node, site, peer_site in ((self.a, "site-a", "site-b"), (self.b, "site-b", "site-a")):
+            pem = self.pki.issue(site, node.name)
+            secret_file = node.config_dir / f"{resource}.key"
+            write_secret(secret_file, secret)
+            self.security[node.name] = {"tls_cert": str(pem.cert), "tls_key": str(pem.key),
+                                        "tls_ca": str(self.pki.ca(peer_site).cert),
+                                        "secret_file": str(secret_file), "plaintext": False}
+            self.write_config(node)
+
+    def write_config(self, node: Node) -> None:
+        lines = [f'resource = "{self.resource}"', f'protocol = "{self.protocol}"',
+                 f'local_node = "{node.name}"']
+        for n in ("a", "b"):
+            port = self.proxy_port if (self.proxy_port and node is self.a and n == "b") else self.ports[n]
+            lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{port}"']
+        for v in range(self.volumes):
+            lines += ["[[volumes]]", f"number = {v}",
+                      f'path = "{node.root / "data" / f"disk{v}.img"}"',
+                      f"size = {self.size}", f'export = "{self.resource}/disk{v}"']
+        lines.append("[tunables]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.tunables.items()]
+        lines.append("[security]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.security[node.name].items()]
+        (node.config_dir / f"{self.resource}.toml").write_text("\n".join(lines) + "\n")
+
+    def set_security(self, node: Node, **changes) -> None:
+        """Change node's [security] keys (Path values welcome) and rewrite its resource file."""
+        self.security[node.name].update({k: str(v) if isinstance(v, Path) else v for k, v in changes.items()})
+        self.write_config(node)
 
     def start(self) -> None:
         if self.proxy_port and self.proxy is None:

@@ -115,36 +115,81 @@ def test_role_rules(pair):
 
 
 def test_hostile_peer_input_drops_only_that_connection(pair):
+    """Garbage is refused by TLS; garbage from a peer that TLS lets in (a's own certificate, as a
+    compromised or buggy peer would have) is refused by the decoder and the ident/AUTH checks."""
+    import json
     import socket
+    import ssl
     import struct
 
     from tandem.engine import wire
 
     pair.b.start()                      # b listens; a is not there yet
-    port = int(pair.b.config_dir.joinpath(f"{pair.resource}.toml").read_text()
-               .split('name = "b"\naddress = "127.0.0.1:')[1].split('"')[0])
+    port = pair.ports["b"]
     before = digest(pair.data_file(pair.b))
     hello = {"proto": 1, "resource": "other", "node": "a", "peer": "b", "role": "Primary",
              "protocol": "C", "volumes": []}
     attacks = [
         b"GET / HTTP/1.0\r\n\r\n",
         struct.pack("<IHHI", wire.MAGIC, 2, 0, 1 << 30),                       # absurd length
-        b"".join(wire.encode_json(wire.T.HELLO, hello)),                      # wrong resource
+        b"".join(wire.encode_json(wire.T.HELLO, {**hello, "proto": wire.VERSION})),  # wrong resource
         b"".join(wire.encode_json(wire.T.HELLO, {**hello, "resource": pair.resource,
-                                                  "volumes": [{"number": 0}]})),  # malformed
+                                                  "volumes": [{"number": 0}]})),  # old version
         b"".join(wire.encode_data(0, 1, 0, b"evil" * 1024, fua=True)),        # data before hello
     ]
-    for attack in attacks:
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-            s.sendall(attack)
+    ident = {"proto": wire.VERSION, "resource": pair.resource, "node": "a", "peer": "b"}
+    mine = "ab" * 32
+
+    def read_message(s) -> dict:
+        head = b""
+        while len(head) < wire.HEADER.size:
+            head += s.recv(wire.HEADER.size - len(head))
+        *_, length = wire.HEADER.unpack(head)
+        body = b""
+        while len(body) < length:
+            body += s.recv(length - len(body))
+        return json.loads(body)
+
+    # After a valid ident HELLO: (what to send, given b's ident HELLO).
+    auth_attacks = [
+        lambda theirs: wire.encode_json(wire.T.HELLO, {**ident, "nonce": "not hex"}),
+        lambda theirs: wire.encode_json(wire.T.HELLO, {**ident, "nonce": mine})
+        + wire.encode_auth(b"\0" * 32),                                       # wrong proof
+        lambda theirs: wire.encode_json(wire.T.HELLO, {**ident, "nonce": theirs["nonce"]}),  # echo
+    ]
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    tls.load_cert_chain(pair.security["a"]["tls_cert"], pair.security["a"]["tls_key"])
+    tls.load_verify_locations(pair.security["a"]["tls_ca"])
+
+    def attack(payload, wrap: bool) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+            s = tls.wrap_socket(raw, server_hostname="b") if wrap else raw
+            if callable(payload):
+                payload = b"".join(payload(read_message(s)))
+            s.sendall(payload)
             s.settimeout(5)
             try:
                 while s.recv(65536):
                     pass
-            except (ConnectionResetError, TimeoutError):
+            except (OSError, TimeoutError):          # reset, TLS alert
                 pass
+
+    for payload in attacks:
+        attack(payload, wrap=False)
+    stats = pair.b.status(pair.resource)["stats"]
+    assert (stats["protocol_errors"], stats["auth_errors"]) == (len(attacks), len(attacks))
+    for payload in attacks + auth_attacks:
+        attack(payload, wrap=True)
     assert pair.b.proc.poll() is None, "tandemd died on hostile input"
     assert digest(pair.data_file(pair.b)) == before, "hostile input changed the data"
-    assert pair.b.status(pair.resource)["stats"]["protocol_errors"] >= 3
+    stats = pair.b.status(pair.resource)["stats"]
+    assert stats["protocol_errors"] == 2 * len(attacks) + len(auth_attacks)
+    assert stats["auth_errors"] == len(attacks) + 2          # the wrong proof, our nonce echoed
+    log = pair.b.log.read_text()
+    for reason in ("bad magic", "exceeds", "offers resource 'other'", "protocol version 1 is not",
+                   "expected HELLO, got DATA", "nonce must be 64 lower-case hex digits",
+                   "authentication failed: 'a' does not know the shared secret",
+                   "authentication failed: the peer sent our own nonce back"):
+        assert reason in log, reason
     pair.a.start()                      # the real peer still gets in
     pair.wait(pair.connected, what="connection after the attacks")

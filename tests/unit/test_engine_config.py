@@ -178,6 +178,9 @@ def test_example_file_loads(tmp_path):
     assert r.volume(0) is vol
     assert r.tunables == Tunables()
     assert r.nbd == config.NbdConfig(None, None)
+    assert r.security == config.SecurityConfig(
+        "/etc/tandem/tls/node.crt", "/etc/tandem/tls/node.key", "/etc/tandem/tls/ca.crt",
+        "/etc/tandem/secrets/web01.key", plaintext=False)
 
 
 def test_to_dict_is_normalised_and_json_able(tmp_path):
@@ -199,7 +202,12 @@ def test_to_dict_is_normalised_and_json_able(tmp_path):
     assert d["nodes"] == [{"name": "hv-a1", "address": "10.202.110.11:7788"},
                           {"name": "hv-b1", "address": "10.202.120.11:7788"}]
     assert d["nbd"] == {"socket": None, "tcp": None}
-    assert list(d) == ["resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd"]
+    assert d["security"] == {
+        "tls_cert": "/etc/tandem/tls/node.crt", "tls_key": "/etc/tandem/tls/node.key",
+        "tls_ca": "/etc/tandem/tls/ca.crt", "secret_file": "/etc/tandem/secrets/web01.key",
+        "plaintext": False}
+    assert list(d) == ["resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd",
+                       "security"]
 
 
 GOOD = {
@@ -224,6 +232,12 @@ GOOD = {
         {"number": 2, "path": "/c", "size": 4096 * 3},
     ]},
     "nbd-tcp-only": {"nbd": {"tcp": "0.0.0.0:10809"}},
+    "security-explicit": {"security": {
+        "tls_cert": "/etc/pki/tandem/hv-a1.pem", "tls_key": "/etc/pki/tandem/hv-a1.key",
+        "tls_ca": "/etc/pki/tandem/site-b-ca.pem", "secret_file": "/etc/tandem/secrets/shared.key",
+        "plaintext": False}},
+    "security-partial": {"security": {"tls_ca": "/etc/tandem/tls/bundle.pem"}},
+    "plaintext": {"security": {"plaintext": True}},
     "no-tunables": {"tunables": DELETE},
 }
 
@@ -249,6 +263,7 @@ def test_values_are_normalised(tmp_path):
         "volumes.0.path": "//srv//tandem/./web01/disk0.img/", "volumes.1.size": "3 GiB",
         "tunables": {"sync_timeout": 2, "congestion_fill": "1M", "bitmap_block_size": 8192},
         "nbd": {"socket": "/run//tandem/web01.sock", "tcp": "[::]:10809"},
+        "security": {"tls_cert": "/etc//tandem/./tls/a.crt", "secret_file": "/etc/tandem/secrets//web01.key"},
     })
     r = load_resource(write(tmp_path, "web01.toml", doc))
     assert r.nodes[0].address == Address("hv-a1.example", 7788)
@@ -260,6 +275,10 @@ def test_values_are_normalised(tmp_path):
     assert r.tunables.congestion_fill == MiB
     assert r.tunables.bitmap_block_size == 8192
     assert r.nbd == config.NbdConfig("/run/tandem/web01.sock", Address("::", 10809))
+    assert r.security.tls_cert == "/etc/tandem/tls/a.crt"
+    # The default secret file, written out, is the same configuration as leaving it out.
+    assert r.security == dataclasses.replace(config.SecurityConfig(), tls_cert="/etc/tandem/tls/a.crt",
+                                             secret_file="/etc/tandem/secrets/web01.key")
     assert r.to_dict()["nbd"] == {"socket": "/run/tandem/web01.sock", "tcp": "[::]:10809"}
 
 
@@ -326,6 +345,8 @@ BAD = [
                  id="tunable-at-top-level"),
     pytest.param({"tcp": "[::1]:10809"}, "tcp", "(it belongs in the [nbd] table: nbd.tcp)",
                  id="nbd-key-at-top-level"),
+    pytest.param({"tls_cert": "/etc/a.crt"}, "tls_cert",
+                 "(it belongs in the [security] table: security.tls_cert)", id="security-key-at-top-level"),
     pytest.param({"tunables.sync_timout": 2.0}, "tunables.sync_timout",
                  "unknown key 'sync_timout' (did you mean 'sync_timeout'?)", id="typo-tunable"),
     pytest.param({"tunables.foo bar": 1}, 'tunables."foo bar"', "unknown key 'foo bar'", id="quoted-key"),
@@ -490,6 +511,25 @@ BAD = [
                  "must be at most 107 bytes long (AF_UNIX limit), got 108", id="socket-too-long"),
     pytest.param({"nbd": {"tcp": "10809"}}, "nbd.tcp", "expected 'host:port'", id="tcp-no-host"),
     pytest.param({"nbd": {"tcp": True}}, "nbd.tcp", "expected a string, got boolean true", id="tcp-bool"),
+    # security
+    pytest.param({"security": True}, "security", "expected a table, got boolean true", id="security-bool"),
+    pytest.param({"security": {"tls_crt": "/a"}}, "security.tls_crt", "(did you mean 'tls_cert'?)",
+                 id="typo-security"),
+    pytest.param({"security": {"ca": "/a"}}, "security.ca",
+                 "unknown key 'ca' (expected one of: tls_cert, tls_key, tls_ca, secret_file, plaintext)",
+                 id="unknown-security-key"),
+    pytest.param({"security": {"tls_cert": "node.crt"}}, "security.tls_cert",
+                 "must be an absolute path, got 'node.crt'", id="tls-cert-relative"),
+    pytest.param({"security": {"tls_key": "/etc/../root/key"}}, "security.tls_key", "must not contain '..'",
+                 id="tls-key-dotdot"),
+    pytest.param({"security": {"tls_ca": 1}}, "security.tls_ca", "expected a string, got integer 1",
+                 id="tls-ca-int"),
+    pytest.param({"security": {"secret_file": "/"}}, "security.secret_file", "must name a file, got '/'",
+                 id="secret-file-root"),
+    pytest.param({"security": {"plaintext": "yes"}}, "security.plaintext",
+                 "expected true or false, got string 'yes'", id="plaintext-string"),
+    pytest.param({"security": {"plaintext": 1}}, "security.plaintext",
+                 "expected true or false, got integer 1", id="plaintext-int"),
 ]
 
 
@@ -824,6 +864,23 @@ def test_tunables_protocol_and_nbd_changes():
     assert not any(a.needs_down for a in actions)
 
 
+def test_security_changes_are_online_and_make_the_link_reconnect():
+    old = res()
+    new = res(**{"security": {"tls_cert": "/etc/tandem/tls/node-2027.crt",
+                              "secret_file": "/etc/tandem/s.key"}})
+    (action,) = diff({"web01": old}, {"web01": new})
+    assert action == Action("change-security", "web01", {
+        "tls_cert": {"old": "/etc/tandem/tls/node.crt", "new": "/etc/tandem/tls/node-2027.crt"},
+        "secret_file": {"old": "/etc/tandem/secrets/web01.key", "new": "/etc/tandem/s.key"}})
+    assert not action.needs_down
+    (action,) = diff({"web01": old}, {"web01": res(**{"security.plaintext": True})})
+    assert action.detail == {"plaintext": {"old": False, "new": True}}
+    # Spelling out a default is not a change.
+    spelled = res(**{"security": {"tls_ca": "/etc/tandem/tls/ca.crt",
+                                  "secret_file": "/etc/tandem/secrets/web01.key", "plaintext": False}})
+    assert diff({"web01": old}, {"web01": spelled}) == []
+
+
 @pytest.mark.parametrize("name", ["al_extents", "bitmap_block_size"])
 def test_metadata_tunables_need_the_resource_down(name):
     value = {"al_extents": 6433, "bitmap_block_size": 65536}[name]
@@ -869,6 +926,7 @@ def test_actions_come_in_a_fixed_order():
     desired = {
         "web01": res("web01", 1, protocol="A", **{
             "nodes.1.address": "10.202.120.99:7788", "tunables.rp_keep": 7, "nbd.tcp": "127.0.0.1:10809",
+            "security.tls_ca": "/etc/tandem/tls/bundle.crt",
             "volumes": [{"number": 0, "path": "/srv/tandem/web01/new0.img", "size": "1GiB"},
                         {"number": 1, "path": "/dev/vg0/web01-data", "size": "3GiB", "export": "web01-data"},
                         {"number": 2, "path": "/srv/tandem/web01/disk2.img", "size": "1GiB"}],
@@ -882,6 +940,7 @@ def test_actions_come_in_a_fixed_order():
         ("remove-volume", "web01", 0),
         ("change-protocol", "web01", None),
         ("change-peer", "web01", None),
+        ("change-security", "web01", None),
         ("change-tunables", "web01", None),
         ("change-nbd", "web01", None),
         ("resize-volume", "db01", 1),
@@ -916,6 +975,16 @@ def test_docs_describe_every_tunable_and_action_kind():
         assert re.search(rf"^\| `{name}` \|", text, re.M), f"tunable {name} is not in the table of {DOC}"
     for kind in ACTION_KINDS:
         assert f"`{kind}`" in text, f"action kind {kind} is not documented in {DOC}"
+
+
+def test_docs_describe_every_key_of_every_table():
+    text = DOC.read_text(encoding="utf-8")
+    tables = {"top level": config._TOP_KEYS, "[[nodes]]": config._NODE_KEYS,
+              "[[volumes]]": config._VOLUME_KEYS, "[nbd]": config._NBD_KEYS,
+              "[security]": config._SECURITY_KEYS}
+    for table, keys in tables.items():
+        for key in keys:
+            assert re.search(rf"^\| `{key}` \|", text, re.M), f"{table} key {key} has no row in {DOC}"
 
 
 def test_docs_examples_load(tmp_path):

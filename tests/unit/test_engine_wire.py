@@ -58,6 +58,11 @@ def test_round_trips():
     assert decode(b"".join(wire.encode_json(T.HELLO, {"a": 1}))).body == {"a": 1}
     ack = decode(b"".join(wire.encode_rs_ack(0, 8192, 4096)))
     assert (ack.offset, ack.length) == (8192, 4096)
+    proof = bytes(range(32))
+    auth = decode(b"".join(wire.encode_auth(proof)))
+    assert (auth.type, auth.data, auth.length) == (T.AUTH, proof, 32)
+    with pytest.raises(ValueError, match="32 bytes"):
+        wire.encode_auth(proof[:31])
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -69,6 +74,10 @@ def test_round_trips():
     (struct.pack("<IHHI", wire.MAGIC, T.HELLO, 0, 3) + b"[1]", "not a JSON object"),
     (struct.pack("<IHHI", wire.MAGIC, T.HELLO, 0, 2) + b"\xff\xfe", "not JSON"),
     (struct.pack("<IHHI", wire.MAGIC, T.DATA, 0, 18) + b"\0" * 18, "at least"),
+    (struct.pack("<IHHI", wire.MAGIC, T.AUTH, 0, 31) + b"\0" * 31, "expected 32"),
+    (struct.pack("<IHHI", wire.MAGIC, T.AUTH, 0, 33) + b"\0" * 33, "expected 32"),
+    (struct.pack("<IHHI", wire.MAGIC, T.AUTH, 0, 65) + b"\0" * 65, "exceeds"),
+    (struct.pack("<IHHI", wire.MAGIC, T.AUTH, 1, 32) + b"\0" * 32, "unknown flags"),
 ])
 def test_malformed_messages_are_rejected(raw, message):
     with pytest.raises(ProtocolError, match=message):

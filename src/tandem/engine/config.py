@@ -1,9 +1,9 @@
 """Declarative resource configuration: the files in /etc/tandem/resources.d.
 
 One TOML file describes one resource (one protected VM): its volumes (one per
-VM disk), its two nodes (one per site), the replication protocol and the
-tunables. The file format is documented in docs/engine-config.md; this module
-is its single implementation:
+VM disk), its two nodes (one per site), the replication protocol, the
+tunables and how the replication link is secured. The file format is
+documented in docs/engine-config.md; this module is its single implementation:
 
 * ``load_resource(path)`` reads and validates one file;
 * ``load_directory(dir)`` reads every ``*.toml`` of a directory, checks what
@@ -17,7 +17,8 @@ is its single implementation:
   idempotent. Changes that would lose data raise ``UnsafeChange``.
 
 Loading is pure: it reads the resource files and nothing else (it does not
-check that backing files exist), so a controller can validate a node's files.
+check that backing files, certificates or secret files exist), so a
+controller can validate a node's files.
 The dataclasses do not validate themselves; build them with the loaders or
 ``parse_resource``.
 
@@ -51,10 +52,12 @@ __all__ = [
     "NodeConfig",
     "Problem",
     "ResourceConfig",
+    "SecurityConfig",
     "TunableSpec",
     "Tunables",
     "UnsafeChange",
     "VolumeConfig",
+    "default_secret_file",
     "diff",
     "format_size",
     "load_directory",
@@ -66,6 +69,10 @@ __all__ = [
 ]
 
 DEFAULT_DIRECTORY = Path("/etc/tandem/resources.d")
+DEFAULT_TLS_CERT = "/etc/tandem/tls/node.crt"
+DEFAULT_TLS_KEY = "/etc/tandem/tls/node.key"
+DEFAULT_TLS_CA = "/etc/tandem/tls/ca.crt"
+DEFAULT_SECRET_DIR = "/etc/tandem/secrets"
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -323,6 +330,31 @@ class NbdConfig:
         return {"socket": self.socket, "tcp": None if self.tcp is None else str(self.tcp)}
 
 
+def default_secret_file(resource: str) -> str:
+    """Where a resource's shared secret is unless ``security.secret_file`` says otherwise."""
+    return f"{DEFAULT_SECRET_DIR}/{resource}.key"
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """How the replication link is protected: mutual TLS plus the resource's shared secret.
+
+    Only paths: the files are read when the resource starts (engine/security.py).
+    ``secret_file`` is filled in by the parser (its default depends on the
+    resource name); None, in a hand-built object, means that default.
+    ``plaintext`` turns TLS and the secret off (benchmarks, debugging).
+    """
+
+    tls_cert: str = DEFAULT_TLS_CERT
+    tls_key: str = DEFAULT_TLS_KEY
+    tls_ca: str = DEFAULT_TLS_CA
+    secret_file: str | None = None
+    plaintext: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
 @dataclass(frozen=True)
 class ResourceConfig:
     """One resource file, validated. ``volumes[i].number == i``."""
@@ -334,6 +366,7 @@ class ResourceConfig:
     volumes: tuple[VolumeConfig, ...]
     tunables: Tunables = field(default_factory=Tunables)
     nbd: NbdConfig = field(default_factory=NbdConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     #: The file it was loaded from (not part of equality or to_dict()).
     source: str | None = field(default=None, compare=False, repr=False)
 
@@ -360,18 +393,22 @@ class ResourceConfig:
             "volumes": [v.to_dict() for v in self.volumes],
             "tunables": self.tunables.to_dict(),
             "nbd": self.nbd.to_dict(),
+            "security": self.security.to_dict(),
         }
 
 
 # --------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd")
+_TOP_KEYS = ("resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd", "security")
 _NODE_KEYS = ("name", "address")
 _VOLUME_KEYS = ("number", "path", "size", "export", "metadata")
 _NBD_KEYS = ("socket", "tcp")
+_SECURITY_PATHS = ("tls_cert", "tls_key", "tls_ca", "secret_file")
+_SECURITY_KEYS = (*_SECURITY_PATHS, "plaintext")
 _TOP_HINTS = {
     **{name: f"tunables go in the [tunables] table: tunables.{name}" for name in TUNABLES},
     **{k: f"it belongs in the [nbd] table: nbd.{k}" for k in _NBD_KEYS},
+    **{k: f"it belongs in the [security] table: security.{k}" for k in _SECURITY_KEYS},
     **{k: "it belongs in a [[volumes]] table" for k in ("number", "path", "size", "export", "metadata")},
     "address": "it belongs in a [[nodes]] table",
     "name": "did you mean 'resource'?",
@@ -598,10 +635,32 @@ def _parse(ck: _Checker, data: Any, file_stem: str | None) -> ResourceConfig | N
             tcp = ck.address("nbd.tcp", t["tcp"], allow_unspecified=True)
         nbd = NbdConfig(socket, tcp)
 
+    security = SecurityConfig()
+    if top.get("security") is not None:
+        security = _parse_security(ck, top["security"])
+
     if ck.problems or None in (name, protocol, local_node, nodes, volumes):
         return None
     assert name and protocol and local_node and nodes and volumes
-    return ResourceConfig(name, protocol, local_node, nodes, volumes, tunables, nbd)
+    if security.secret_file is None:
+        security = dataclasses.replace(security, secret_file=default_secret_file(name))
+    return ResourceConfig(name, protocol, local_node, nodes, volumes, tunables, nbd, security)
+
+
+def _parse_security(ck: _Checker, value: Any) -> SecurityConfig:
+    t = ck.table(value, "security", _SECURITY_KEYS, ())
+    if t is None:
+        return SecurityConfig()
+    values: dict[str, Any] = {}
+    for key in _SECURITY_PATHS:
+        if t.get(key) is not None and (path := ck.abspath(f"security.{key}", t[key])) is not None:
+            values[key] = path
+    if t.get("plaintext") is not None:
+        if isinstance(t["plaintext"], bool):
+            values["plaintext"] = t["plaintext"]
+        else:
+            ck.error("security.plaintext", f"expected true or false, got {_describe(t['plaintext'])}")
+    return SecurityConfig(**values)
 
 
 def _parse_nodes(ck: _Checker, value: Any) -> tuple[tuple[NodeConfig, NodeConfig] | None, list[str] | None]:
@@ -870,6 +929,7 @@ ACTION_KINDS = (
     "remove-volume",
     "change-protocol",
     "change-peer",
+    "change-security",
     "change-tunables",
     "change-nbd",
     "resize-volume",
@@ -953,6 +1013,11 @@ def _diff_resource(old: ResourceConfig, new: ResourceConfig, actions: list[Actio
 
     if old.protocol != new.protocol:
         actions.append(Action("change-protocol", name, _change(old.protocol, new.protocol)))
+
+    old_s, new_s = old.security.to_dict(), new.security.to_dict()
+    security = {k: _change(old_s[k], new_s[k]) for k in _SECURITY_KEYS if old_s[k] != new_s[k]}
+    if security:
+        actions.append(Action("change-security", name, security))
 
     old_t, new_t = old.tunables.to_dict(), new.tunables.to_dict()
     tunables = {k: _change(old_t[k], new_t[k]) for k in TUNABLES if old_t[k] != new_t[k]}

@@ -24,6 +24,7 @@ import signal
 import sys
 
 from . import config as config_mod
+from . import security
 from .nbd import NBDServer
 from .resource import Resource, RoleError
 
@@ -100,7 +101,12 @@ class Daemon:
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         desired = config_mod.load_directory(self.config_dir)
         for cfg in desired.values():
-            await self._add(cfg)
+            try:
+                await self._add(cfg)
+            except security.SecurityError as e:
+                # A missing or bad certificate, key or secret stops this resource
+                # only; once the files are fixed, `tandemctl adjust` starts it.
+                log.error("resource %s not started:\n%s", cfg.name, e)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
         self._control = await asyncio.start_unix_server(self._on_control, self.control_path)
@@ -216,14 +222,18 @@ class Daemon:
                 await self._remove(name)
             elif "add-resource" in kinds:
                 await self._add(desired[name])
-            elif kinds == {"change-tunables"} and not any(
+            elif kinds <= {"change-tunables", "change-security"} and not any(
                     a.needs_down for a in actions if a.resource == name):
+                if "change-security" in kinds:
+                    # New files first (SecurityError: nothing changed), then a reconnect.
+                    await self.resources[name].change_security(desired[name])
                 self.resources[name].cfg = desired[name]    # read at use: effective at once
             else:
                 # Any other change (0.1): restart the resource with the new file.
                 # A Primary keeps its role only through a demote by the operator.
                 if self.resources[name].role == "Primary":
                     raise RoleError(f"{name}: is Primary; demote it to apply {', '.join(sorted(kinds))}")
+                security.load(desired[name])        # unusable TLS files or secret: keep it running
                 await self._remove(name)
                 await self._add(desired[name])
         return {"ok": True, "changed": True, "actions": plan, "dry_run": False}

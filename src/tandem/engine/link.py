@@ -15,20 +15,48 @@ all small messages and every await costs a loop iteration:
 
 A malformed message (wire.ProtocolError) or an exception from the callback
 aborts the connection; `done` then holds that error, otherwise a LinkClosed.
+
+With TLS (`connect(..., tls=)`, `listen(..., tls=)`) both ends present a
+certificate, and each checks that the other's names the peer node it
+expects; a failure is reported to `on_error` as an auth.AuthError. On the
+listening side the Link only comes into being once the handshake and that
+check have passed, so it never sees a byte from an unauthenticated peer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import wire
+from .auth import AuthError, cert_names, names_peer
 from .waiters import wait, wake_all
+
+log = logging.getLogger("tandem.engine.link")
 
 RECV_BUFFER = 512 << 10
 #: Payloads bigger than this are received into a buffer of their own.
 BIG = 64 << 10
+#: The longest a TLS handshake may take before the connection is dropped.
+HANDSHAKE_TIMEOUT = 5.0
+#: TLS handshakes a listener runs at once; more connections are dropped at once
+#: (each costs the ssl module a 256 KiB buffer before anyone is authenticated).
+MAX_HANDSHAKES = 16
+#: Over TLS, sends of at most this many bytes are joined into one record stream.
+TLS_JOIN = 64 << 10
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS for one end of a link: the context and the node name the peer's certificate must carry."""
+
+    context: ssl.SSLContext
+    peer_name: str
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
 
 class LinkClosed(ConnectionError):
@@ -43,7 +71,7 @@ class Link(asyncio.BufferedProtocol):
         self.on_error = on_error
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self._buf = bytearray(RECV_BUFFER)
+        self._buf = bytearray()         # allocated in connection_made
         self._view = memoryview(self._buf)
         self._r = self._w = 0
         self._big: tuple[wire.T, int, bytearray, memoryview] | None = None
@@ -59,6 +87,12 @@ class Link(asyncio.BufferedProtocol):
         self.error: BaseException | None = None
         self.done: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._tls = False
+        self._dialed = False            # set by connect()
+        self._heard = False             # a message arrived before start_dispatch
+        self._closed = False            # close() was called
+        #: The TLS settings this link was made with (None: plaintext).
+        self.tls: TLS | None = None
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -66,8 +100,10 @@ class Link(asyncio.BufferedProtocol):
         self.transport = transport
         self._loop = asyncio.get_running_loop()
         self.done = self._loop.create_future()
-        peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer = _address(transport)
+        self._tls = transport.get_extra_info("ssl_object") is not None
+        self._buf = bytearray(RECV_BUFFER)
+        self._view = memoryview(self._buf)
         if self._on_connect is not None:
             self._on_connect(self)
 
@@ -135,6 +171,7 @@ class Link(asyncio.BufferedProtocol):
         if self.on_messages is not None:
             self.on_messages(msgs)
             return
+        self._heard = True
         self._inbox.extend(msgs)
         self._wake_reader()
 
@@ -142,6 +179,18 @@ class Link(asyncio.BufferedProtocol):
         return False                    # close our side too; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.error is None and isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLEOFError):
+            # The TLS layer refused the peer's input: typically, in TLS 1.3, the
+            # peer's alert that it rejected our certificate after the handshake.
+            self.error = AuthError(f"TLS: connection with {self.peer} failed: {_tls_reason(exc)}")
+            if self.on_error is not None:
+                self.on_error(self, self.error)
+        if (self.error is None and self._tls and self._dialed and not self._heard and not self._closed
+                and self.on_messages is None):
+            # In TLS 1.3 the listener checks our certificate after our side of the
+            # handshake is done; when it refuses it, it just closes (asyncio sends no alert).
+            log.warning("%s closed the TLS connection before sending anything (if this repeats, it "
+                        "does not accept this node's certificate: its log says why)", self.peer)
         if self.error is None:
             self.error = LinkClosed(f"link to {self.peer} lost" + (f": {exc}" if exc else ""))
         if self.done is not None and not self.done.done():
@@ -170,6 +219,7 @@ class Link(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def close(self) -> None:
+        self._closed = True
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
@@ -214,7 +264,12 @@ class Link(asyncio.BufferedProtocol):
         self._out_scheduled = False
         out, self._out = self._out, []
         if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+            if self._tls and len(out) > 1 and sum(map(len, out)) <= TLS_JOIN:
+                # The ssl transport makes a TLS record of each buffer: one for
+                # many small messages is cheaper (a copy of up to 64 KiB).
+                self.transport.write(b"".join(out))
+            else:
+                self.transport.writelines(out)
 
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark (or until the link ends)."""
@@ -231,6 +286,16 @@ class Link(asyncio.BufferedProtocol):
             self.reading_paused = False
             self.transport.resume_reading()
 
+    def _feed(self, data: bytes) -> None:
+        """Take bytes that arrived before this Link was the transport's protocol."""
+        view = memoryview(data)
+        while view and self.error is None:
+            buf = self.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            view = view[n:]
+            self.buffer_updated(n)
+
     def _wake_reader(self) -> None:
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
@@ -238,15 +303,143 @@ class Link(asyncio.BufferedProtocol):
 
 
 async def connect(host: str, port: int, timeout: float,
-                  on_error: Callable[[Link, BaseException], None] | None = None) -> Link:
+                  on_error: Callable[[Link, BaseException], None] | None = None,
+                  tls: TLS | None = None) -> Link:
+    """Dial the peer. With tls, the handshake (bounded by timeout too) must succeed and the
+    server's certificate must name tls.peer_name; otherwise on_error hears an AuthError and
+    this raises an OSError, like any failed connection attempt."""
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        _, link = await loop.create_connection(lambda: Link(on_error=on_error), host, port)
+    made: list[Link] = []
+
+    def factory() -> Link:
+        made.append(Link(on_error=on_error))
+        return made[-1]
+
+    kw = {} if tls is None else {"ssl": tls.context, "server_hostname": tls.peer_name,
+                                 "ssl_handshake_timeout": timeout}
+    try:
+        async with asyncio.timeout(timeout):
+            _, link = await loop.create_connection(factory, host, port, **kw)
+    except ssl.SSLError as e:
+        if made and not isinstance(e, ssl.SSLEOFError):
+            made[-1].peer = f"{host}:{port}"
+            made[-1].fail(AuthError(f"TLS handshake with {host}:{port} failed: {_tls_reason(e)}"))
+        raise
+    if tls is not None:
+        cert = link.transport.get_extra_info("peercert")
+        if not names_peer(cert, tls.peer_name):    # check_hostname passed: a wildcard or an IP
+            err = AuthError(f"unknown peer {link.peer}: its certificate is for {cert_names(cert)}, "
+                            f"not for {tls.peer_name!r}")
+            link.fail(err)
+            raise ConnectionRefusedError(str(err))
+        _established(link.transport, link.peer, tls.peer_name)
+    link.tls, link._dialed = tls, True
     return link
 
 
 async def listen(host: str, port: int, on_connect: Callable[[Link], None],
-                 on_error: Callable[[Link, BaseException], None] | None = None) -> asyncio.Server:
+                 on_error: Callable[[Link, BaseException], None] | None = None,
+                 tls: Callable[[], TLS | None] | None = None) -> asyncio.Server:
+    """Accept links. tls is asked at every connection, so the settings can change while the
+    listener stays bound; None from it (or no tls) means plaintext."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: Link(on_connect, on_error), host, port)
+    handshakes: set[asyncio.Task] = set()
 
+    def factory() -> asyncio.BaseProtocol:
+        settings = tls() if tls is not None else None
+        if settings is None:
+            return Link(on_connect, on_error)
+        return _Handshake(settings, on_connect, on_error, handshakes)
+
+    return await loop.create_server(factory, host, port)
+
+
+class _Handshake(asyncio.Protocol):
+    """An accepted connection until TLS is up and the client's certificate names the peer.
+
+    The protocol of the TCP transport first (reading paused until start_tls
+    takes over), then of the TLS transport for the moment between the end of
+    the handshake and the Link taking over, keeping what arrives meanwhile.
+    """
+
+    def __init__(self, tls: TLS, on_connect, on_error, running: set[asyncio.Task]):
+        self._tls, self._on_connect, self._on_error = tls, on_connect, on_error
+        self._running = running
+        self._early = bytearray()
+        self._gone = False
+
+    def connection_made(self, transport) -> None:
+        transport.pause_reading()
+        if len(self._running) >= MAX_HANDSHAKES:
+            log.warning("dropping a connection from %s: %d TLS handshakes are running already",
+                        _address(transport), len(self._running))
+            transport.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._run(transport))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    def data_received(self, data: bytes) -> None:
+        self._early += data
+        if len(self._early) > RECV_BUFFER:
+            self._gone = True           # nothing legitimate sends that much at once
+
+    def eof_received(self) -> bool:
+        self._gone = True
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone = True
+
+    async def _run(self, raw: asyncio.Transport) -> None:
+        tls = self._tls
+        link = Link(self._on_connect, self._on_error)
+        link.peer = _address(raw)
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, tls.context, server_side=True, ssl_handshake_timeout=tls.handshake_timeout)
+        except ssl.SSLError as e:
+            if isinstance(e, ssl.SSLEOFError):
+                log.debug("TLS handshake from %s: the client went away", link.peer)
+            else:
+                plain = e.reason == "WRONG_VERSION_NUMBER"
+                hint = " (not TLS: is the peer in plaintext mode?)" if plain else ""
+                link.fail(AuthError(f"TLS handshake from {link.peer} failed: {_tls_reason(e)}{hint}"))
+            return
+        except (OSError, TimeoutError) as e:  # closed, reset, or too slow: a stray connection
+            log.debug("TLS handshake from %s did not finish: %r", link.peer, e)
+            raw.abort()
+            return
+        cert = transport.get_extra_info("peercert")
+        if not names_peer(cert, tls.peer_name):
+            transport.abort()
+            link.fail(AuthError(f"unknown peer {link.peer}: its certificate is for {cert_names(cert)}, "
+                                f"not for {tls.peer_name!r}"))
+            return
+        if self._gone:
+            transport.abort()
+            return
+        _established(transport, link.peer, tls.peer_name)
+        link.tls = tls
+        transport.set_protocol(link)
+        link.connection_made(transport)
+        if self._early and link.transport is not None and not link.transport.is_closing():
+            link._feed(bytes(self._early))
+
+
+def _address(transport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+def _established(transport, address: str, peer_name: str) -> None:
+    version, cipher = transport.get_extra_info("ssl_object").version(), transport.get_extra_info("cipher")
+    log.info("tls established peer=%s from=%s version=%s cipher=%s", peer_name, address, version,
+             cipher[0] if cipher else "?")
+
+
+def _tls_reason(e: ssl.SSLError) -> str:
+    """What went wrong, without the _ssl.c location: 'tlsv1 alert unknown ca', ..."""
+    if isinstance(e, ssl.SSLCertVerificationError) and e.verify_message:
+        return f"certificate verify failed: {e.verify_message}"
+    return (e.reason or str(e)).lower().replace("_", " ")

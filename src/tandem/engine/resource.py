@@ -30,7 +30,7 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from . import handshake, wire
+from . import auth, handshake, security, wire
 from .link import Link, connect, listen
 from .metadata import (
     CONSISTENT,
@@ -129,11 +129,12 @@ class Resource:
         self._writes_idle: list[asyncio.Future] = []
         self._accepted: asyncio.Queue = asyncio.Queue(maxsize=4)
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "resync_bytes": 0,
-                      "connects": 0, "protocol_errors": 0}
+                      "connects": 0, "protocol_errors": 0, "auth_errors": 0}
 
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        self.security = security.load(self.cfg)     # SecurityError: the resource does not start
         t = self.cfg.tunables
         for vcfg in self.cfg.volumes:
             md_path = vcfg.metadata or os.path.join(self.state_dir, self.name, f"vol{vcfg.number}.md")
@@ -155,7 +156,8 @@ class Resource:
         if not self._dialer:
             # Only the side that waits for the peer listens.
             local = self.cfg.local
-            self._server = await listen(local.host, local.port, self._on_accept, self._link_failed)
+            self._server = await listen(local.host, local.port, self._on_accept, self._link_failed,
+                                        lambda: self.security.server_tls)
         self._spawn(self._connect_loop(), "connect")
         self._event("started", conn=self.conn)
 
@@ -381,7 +383,8 @@ class Resource:
         while not self._stopping:
             try:
                 if self._dialer:
-                    link = await connect(self.cfg.peer.host, self.cfg.peer.port, 5, self._link_failed)
+                    link = await connect(self.cfg.peer.host, self.cfg.peer.port, 5, self._link_failed,
+                                         self.security.client_tls)
                 else:
                     link = await self._accepted.get()
             except (TimeoutError, OSError):
@@ -485,6 +488,8 @@ class Resource:
         """A connection ended on bad input: count and log it, whichever side noticed."""
         if isinstance(exc, wire.ProtocolError):
             self.stats["protocol_errors"] += 1
+            if isinstance(exc, auth.AuthError):
+                self.stats["auth_errors"] += 1
             log.warning("protocol error resource=%s peer=%s from=%s reason=%s", self.name,
                         self.cfg.peer.name, link.peer, exc)
         elif not isinstance(exc, ConnectionError):
@@ -495,6 +500,14 @@ class Resource:
             link.close()            # only one link per resource, and we are the dialer
             return
         self._accepted.put_nowait(link)
+
+    async def change_security(self, cfg) -> None:
+        """adjust: new [security] settings. Loaded first (SecurityError: nothing changes),
+        then the link reconnects with them."""
+        new = security.load(cfg)
+        old, self.security, self.cfg = self.security, new, cfg
+        old.revoke()            # also a link still in its handshake, not only self._link
+        self._drop_connection("security settings changed", kind="security-changed")
 
     def _drop_connection(self, reason: str, standalone: bool = False, kind: str = "disconnected") -> None:
         """Leave the connected state. Synchronous, so a timer can call it."""
@@ -574,11 +587,13 @@ class Resource:
         t = self.cfg.tunables
         ident = {"proto": wire.VERSION, "resource": self.name, "node": self.cfg.local.name,
                  "peer": self.cfg.peer.name, "probe": t.resume_after if self._lost_link else 0}
+        ident["nonce"] = nonce = auth.new_nonce()
         link.send(wire.encode_json(T.HELLO, ident))
         msg = await link.read_message(5)
         if msg.type != T.HELLO:
             raise wire.ProtocolError(f"expected HELLO, got {msg.type.name}")
         _validate_ident(msg.body, self)
+        await self.security.authenticate(link, nonce, msg.body)    # the shared secret (auth.py)
         peer_probe = msg.body.get("probe")
         if isinstance(peer_probe, bool) or not isinstance(peer_probe, (int, float)) \
                 or not 0 <= peer_probe <= 3600:

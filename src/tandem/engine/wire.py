@@ -19,7 +19,7 @@ import zlib
 from enum import IntEnum
 
 MAGIC = 0x314D4454            # "TDM1"
-VERSION = 3                   # 2: WRITE_ACK is cumulative; 3: health probe, zlib bitmaps
+VERSION = 3                   # 2: WRITE_ACK is cumulative; 3: nonce + AUTH, health probe, zlib bitmaps
 HEADER = struct.Struct("<IHHI")
 MAX_DATA = 32 << 20           # largest write or resync block
 MAX_JSON = 256 << 10
@@ -43,6 +43,7 @@ class T(IntEnum):
     PING = 9           # id u64
     PING_ACK = 10      # id u64
     BITMAP = 11        # volume u16, first byte u64 + zlib of up to BITMAP_CHUNK bitmap bytes (handshake)
+    AUTH = 12          # 32 bytes: HMAC-SHA256 proof of the shared secret (ident stage, auth.py)
 
 
 _DATA = struct.Struct("<HQQ")
@@ -50,6 +51,7 @@ _U64 = struct.Struct("<Q")
 _RS_DATA = struct.Struct("<HQ")
 _RS_ACK = struct.Struct("<HQI")
 _BITMAP = struct.Struct("<HQ")
+AUTH_SIZE = 32
 
 _TYPES = {int(t): t for t in T}          # a dict lookup: calling T(n) is slow
 _JSON_TYPES = {T.HELLO, T.STATE}
@@ -108,6 +110,12 @@ def encode_rs_ack(volume: int, offset: int, length: int) -> list[bytes]:
     return [_frame(T.RS_ACK, _RS_ACK.size) + _RS_ACK.pack(volume, offset, length)]
 
 
+def encode_auth(mac: bytes) -> list[bytes]:
+    if len(mac) != AUTH_SIZE:
+        raise ValueError(f"AUTH carries {AUTH_SIZE} bytes, got {len(mac)}")
+    return [_frame(T.AUTH, AUTH_SIZE) + mac]
+
+
 def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
     return [_frame(T.BITMAP, _BITMAP.size + len(chunk)) + _BITMAP.pack(volume, first_byte), chunk]
 
@@ -140,7 +148,9 @@ def parse_header(fields: tuple[int, int, int, int]) -> tuple[T, int, int]:
     """Validate an unpacked HEADER; returns (type, flags, payload length)."""
     magic, number, flags, length = fields
     if magic != MAGIC:
-        raise ProtocolError(f"bad magic {magic:#x}")
+        # 0x16 0x03: a TLS handshake record, from a peer that is not in plaintext mode.
+        hint = ": a TLS handshake, but this node has security.plaintext" if magic & 0xFFFF == 0x0316 else ""
+        raise ProtocolError(f"bad magic {magic:#x}{hint}")
     t = _TYPES.get(number)
     if t is None:
         raise ProtocolError(f"unknown message type {number}")
@@ -179,6 +189,9 @@ def parse_payload(t: T, flags: int, payload: bytes | bytearray) -> Message:
         _exact(t, payload, _RS_ACK.size)
         volume, offset, length = _RS_ACK.unpack(payload)
         return Message(t, volume=volume, offset=offset, length=length)
+    if t == T.AUTH:
+        _exact(t, payload, AUTH_SIZE)
+        return Message(t, length=AUTH_SIZE, data=bytes(payload))
     if t == T.BITMAP:
         _at_least(t, payload, _BITMAP.size)
         volume, first = _BITMAP.unpack_from(payload)
