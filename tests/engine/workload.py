@@ -22,7 +22,7 @@ class Writer(threading.Thread):
     """
 
     def __init__(self, sock: str, export: str, size: int, rng: random.Random, *, pause: float = 0.0,
-                 base: int = 0):
+                 base: int = 0, history: bool = False):
         super().__init__(daemon=True)
         self.sock, self.export, self.size, self.rng = sock, export, size, rng
         self.pause = pause
@@ -32,6 +32,8 @@ class Writer(threading.Thread):
         self.count = 0
         self.latencies: list[tuple[float, float]] = []
         self.extents: list[tuple[int, int]] = []       # (first block, blocks), parallel to latencies
+        #: With history=True, every acknowledged write in order: (first block, data).
+        self.history: list[tuple[int, bytes]] | None = [] if history else None
         self.error: BaseException | None = None
         self.stop = threading.Event()
 
@@ -52,6 +54,8 @@ class Writer(threading.Thread):
                 c.write(first * BLOCK, data, fua=fua)
                 self.latencies.append((t0, time.monotonic() - t0))
                 self.extents.append((first, blocks))
+                if self.history is not None:
+                    self.history.append((first, data))
                 for i in range(blocks):
                     self.acked[first + i] = data[i * BLOCK:(i + 1) * BLOCK]
                 self.inflight = None

@@ -197,7 +197,7 @@ def test_to_dict_is_normalised_and_json_able(tmp_path):
         "connect_interval_max": 10.0,
         "ping_interval": 1.0, "ping_timeout": 0.5, "max_epoch_writes": 2048, "al_extents": 1237,
         "bitmap_block_size": 4096, "resync_rate_max": 100 * MiB, "resync_rate_min": 4 * MiB,
-        "rp_interval": 0.0, "rp_keep": 24,
+        "rp_interval": 0.0, "rp_keep": 24, "rp_max_age": 0.0,
     }
     assert d["nodes"] == [{"name": "hv-a1", "address": "10.202.110.11:7788"},
                           {"name": "hv-b1", "address": "10.202.120.11:7788"}]

@@ -273,6 +273,7 @@ class Tunables:
     resync_rate_min: int = _tunable(RATE, 4 * MiB, 64 * KiB, 64 * GiB)
     rp_interval: float = _tunable(SECONDS, 0.0, 1.0, 31 * DAY, zero="off")
     rp_keep: int = _tunable(COUNT, 24, 1, 10000)
+    rp_max_age: float = _tunable(SECONDS, 0.0, 60.0, 366 * DAY, zero="off")
 
     def to_dict(self) -> dict[str, float | int]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 DEFAULT_SOCKET = os.path.join(os.environ.get("TANDEM_RUN_DIR", "/run/tandem"), "tandemd.sock")
 
@@ -51,6 +52,39 @@ def print_status(resources: list[dict]) -> None:
                      f" in-flight:{_human_size(v['in_flight_bytes'])}"
                      f" latency:{v['write_latency_us']}us gi:{v['generation']['current']}")
             print(line)
+        if r.get("degraded"):
+            d = r["degraded"]
+            print(f"  degraded:{d['kind']} since:{time.strftime('%H:%M:%S', time.localtime(d['since']))} "
+                  f"reason:{d['reason']}")
+        rpo = r.get("rpo") or {"bytes": 0, "seconds": 0}
+        if rpo["bytes"]:
+            print(f"  rpo-exposure:{_human_size(rpo['bytes'])} oldest:{rpo['seconds']}s")
+        rps = r.get("recovery_points")
+        if rps and rps["count"]:
+            last = rps["last"]
+            print(f"  recovery-points:{rps['count']} last:{last['id']} "
+                  f"({last['reason']}, {last['age_seconds']}s)")
+
+
+def print_rp(op: str, reply: dict) -> None:
+    if op == "list":
+        for m in reply["recovery_points"]:
+            print(f"{m['id']} reason:{m['reason']} consistent:{'yes' if m['consistent'] else 'no'} "
+                  f"age:{m['age_seconds']}s role:{m['role']} used:{_human_size(m['bytes_used'])}"
+                  + (f" exported:{','.join(m['exported'])}" if m["exported"] else "")
+                  + (f" clones:{','.join(m['clones'])}" if m["clones"] else ""))
+        if not reply["recovery_points"]:
+            print("no recovery points")
+    elif op == "create":
+        m = reply["recovery_point"]
+        print(f"created {m['id']} consistent:{'yes' if m['consistent'] else 'no'}")
+    elif op in ("export", "clone"):
+        for name in reply["exports"]:
+            print(f"nbd+unix:///{name}?socket={reply['socket']}")
+    elif op == "restore":
+        print(f"restored {reply['id']}: {_human_size(reply['restored_bytes'])} rewritten")
+    else:
+        print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
 
 
 def main(argv=None) -> int:
@@ -70,11 +104,35 @@ def main(argv=None) -> int:
     rv.add_argument("resource")
     rv.add_argument("--discard", required=True, metavar="NODE",
                     help="the node whose changes since the split are thrown away (it becomes sync target)")
+    dc = sub.add_parser("disconnect", help="drop the link and stay StandAlone")
+    dc.add_argument("resource")
+    cn = sub.add_parser("connect", help="leave StandAlone and connect to the peer")
+    cn.add_argument("resource")
+    rp = sub.add_parser("rp", help="recovery points: list, create, delete, export, restore, clone")
+    rps = rp.add_subparsers(dest="op", required=True)
+    rp_parsers = []
+    for op, help_, args_ in (
+            ("list", "the resource's recovery points", ()),
+            ("create", "take a crash-consistent recovery point of every volume now", ()),
+            ("delete", "delete a recovery point", ("id",)),
+            ("export", "serve a recovery point read-only over NBD (<export>@<id>)", ("id",)),
+            ("unexport", "stop serving a recovery point", ("id",)),
+            ("restore", "roll this node (Secondary, StandAlone) back to a recovery point", ("id",)),
+            ("clone", "a writable copy for a drill, served as <export>@clone-<name>", ("id", "name")),
+            ("clone-delete", "delete a drill clone", ("name",))):
+        sp = rps.add_parser(op, help=help_)
+        sp.add_argument("resource")
+        for a in args_:
+            sp.add_argument(a)
+        sp.add_argument("--json", action="store_true")
+        rp_parsers.append(sp)
+        if op == "create":
+            sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     ad = sub.add_parser("adjust", help="make the running resources match the resource files")
     ad.add_argument("resource", nargs="?")
     ad.add_argument("--dry-run", action="store_true", help="print the planned actions only")
     sub.add_parser("events", help="stream state changes as JSON lines")
-    for sp in (pr, se, rv, ad):
+    for sp in (pr, se, rv, dc, cn, ad):
         sp.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -87,6 +145,16 @@ def main(argv=None) -> int:
         req["dry_run"] = True
     if getattr(args, "discard", None):
         req["discard"] = args.discard
+    if args.cmd == "rp":
+        req["op"] = args.op
+        for key in ("id", "name"):
+            if getattr(args, key, None) is not None:
+                req[key] = getattr(args, key)
+        if getattr(args, "label", None):
+            bad = [item for item in args.label if "=" not in item]
+            if bad:
+                p.error(f"--label expects KEY=VALUE, got {bad[0]!r}")
+            req["labels"] = dict(item.split("=", 1) for item in args.label)
     try:
         if args.cmd == "events":
             return _events(args.socket)
@@ -103,6 +171,8 @@ def main(argv=None) -> int:
         print(json.dumps(reply, indent=2))
     elif args.cmd == "status":
         print_status(reply["resources"])
+    elif args.cmd == "rp":
+        print_rp(args.op, reply)
     elif args.cmd == "adjust":
         for action in reply["actions"]:
             print(f"{'would ' if reply['dry_run'] else ''}{action['kind']} {action['resource']}")

@@ -26,7 +26,9 @@ import sys
 from . import config as config_mod
 from . import security
 from .nbd import NBDServer
+from .recovery import RecoveryPointError
 from .resource import Resource, RoleError
+from .rpstore import RPStoreError
 
 log = logging.getLogger("tandem.engine.daemon")
 
@@ -134,11 +136,16 @@ class Daemon:
         exports.setdefault("", exports[cfg.volumes[0].export])
 
         def lookup(name: str):
+            if "@" in name:                  # an exported RP or a drill clone: any role
+                return res.rps.exports.get(name)
             export = exports.get(name)
             return export if export is not None and res.role == "Primary" else None
 
-        server = NBDServer(lookup, list_exports=lambda: [v.export for v in cfg.volumes]
-                           if res.role == "Primary" else [])
+        def names() -> list[str]:
+            live = [v.export for v in cfg.volumes] if res.role == "Primary" else []
+            return live + sorted(res.rps.exports)
+
+        server = NBDServer(lookup, list_exports=names)
         path = self.nbd_socket(cfg)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -172,7 +179,8 @@ class Daemon:
                 return
             try:
                 reply = await self._handle(req)
-            except (RoleError, config_mod.ConfigError, KeyError, ValueError) as e:
+            except (RoleError, RecoveryPointError, RPStoreError, config_mod.ConfigError, KeyError,
+                    ValueError) as e:
                 reply = {"ok": False, "error": str(e).strip("'\"")}
             await _reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -192,12 +200,48 @@ class Daemon:
         if cmd == "secondary":
             await self._res(name).demote()
             return {"ok": True, "resource": self._res(name).status()}
+        if cmd == "rp":
+            return await self._rp(self._res(name), req)
+        if cmd == "disconnect":
+            await self._res(name).disconnect()
+            return {"ok": True, "resource": self._res(name).status()}
+        if cmd == "connect":
+            self._res(name).connect()
+            return {"ok": True, "resource": self._res(name).status()}
         if cmd == "resolve":
             await self._res(name).resolve(str(req.get("discard")))
             return {"ok": True, "resource": self._res(name).status()}
         if cmd == "adjust":
             return await self._adjust(name, bool(req.get("dry_run")))
         raise ValueError(f"unknown command {cmd!r}")
+
+    async def _rp(self, res: Resource, req: dict) -> dict:
+        op, rp_id = req.get("op"), req.get("id")
+        if op == "list":
+            return {"ok": True, "recovery_points": res.rp_list()}
+        if op == "create":
+            labels = req.get("labels") or {}
+            if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+                raise ValueError("labels must map names to strings")
+            return {"ok": True, "recovery_point": await res.rp_create(labels)}
+        if not isinstance(rp_id, str) and op != "clone-delete":
+            raise ValueError(f"rp {op}: an RP id is required")
+        if op == "delete":
+            await res.rp_delete(rp_id)
+            return {"ok": True, "deleted": rp_id}
+        if op == "export":
+            return {"ok": True, "exports": res.rp_export(rp_id), "socket": self.nbd[res.name][1]}
+        if op == "unexport":
+            return {"ok": True, "unexported": res.rp_unexport(rp_id)}
+        if op == "restore":
+            return {"ok": True, **await res.rp_restore(rp_id), "resource": res.status()}
+        if op == "clone":
+            return {"ok": True, "exports": await res.rp_clone(rp_id, str(req.get("name"))),
+                    "socket": self.nbd[res.name][1]}
+        if op == "clone-delete":
+            await res.rp_clone_delete(str(req.get("name")))
+            return {"ok": True, "deleted_clone": req.get("name")}
+        raise ValueError(f"unknown rp operation {op!r}")
 
     def _res(self, name) -> Resource:
         if name not in self.resources:

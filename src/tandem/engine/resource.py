@@ -43,6 +43,8 @@ from .metadata import (
 from .pacer import TICK as PACER_TICK
 from .pacer import ResyncPacer
 from .rangelock import RangeLock
+from .recovery import DEGRADED, MANUAL, PRE_RESYNC, SCHEDULED, SPLIT_BRAIN, RecoveryPointError, RecoveryPoints
+from .rpstore import RPStoreError
 from .volume import INLINE, Volume, run_io, write_batch
 from .waiters import wait, wake_all
 from .wire import T
@@ -115,6 +117,10 @@ class Resource:
         self._exposed_since: float | None = None
         self._fg_latency_us = 0.0          # cumulative application write latency ...
         self._fg_writes = 0                # ... and count (the pacer takes differences)
+        self.rps: RecoveryPoints | None = None
+        self._dirty_since_rp = True        # a write landed since the newest RP (skip identical RPs)
+        self._connect_task: asyncio.Task | None = None
+        self._applier: asyncio.Task | None = None  # the Secondary's ordered apply task, while connected
         #: After a split brain: the node whose changes the operator chose to discard.
         self._discard: str | None = None
         self._pings: dict[int, asyncio.Future] = {}
@@ -125,6 +131,7 @@ class Resource:
         # either be replicated or be in the bitmap the handshake looks at.
         self._io_open = asyncio.Event()
         self._io_open.set()
+        self._io_pauses = 0               # handshake and RP creation may pause writes at once
         self._writes_deciding = 0
         self._writes_idle: list[asyncio.Future] = []
         self._accepted: asyncio.Queue = asyncio.Queue(maxsize=4)
@@ -152,14 +159,19 @@ class Resource:
             vs.vol.md.set_flags(clear=PRIMARY)
         if any(vs.vol.bitmap.count for vs in self.vols):
             self._exposed_since = time.time()     # the true age died with the last process
+        self.rps = await asyncio.to_thread(
+            RecoveryPoints.open, os.path.join(self.state_dir, self.name, "rp"), self.cfg.local.name,
+            [vs.vol for vs in self.vols])
+        self.rps.name_clone_exports([v.export for v in self.cfg.volumes])
         self.conn = CONNECTING
         if not self._dialer:
             # Only the side that waits for the peer listens.
             local = self.cfg.local
             self._server = await listen(local.host, local.port, self._on_accept, self._link_failed,
                                         lambda: self.security.server_tls)
-        self._spawn(self._connect_loop(), "connect")
-        self._event("started", conn=self.conn)
+        self._connect_task = self._spawn(self._connect_loop(), "connect")
+        self._spawn(self._rp_schedule_loop(), "rp-schedule")
+        self._event("started", conn=self.conn, recovery_points=len(self.rps.manifests))
 
     async def stop(self) -> None:
         self._stopping = True
@@ -171,6 +183,8 @@ class Resource:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.rps is not None:
+            self.rps.close()
         for vs in self.vols:
             if self.role == "Primary":
                 vs.vol.md.set_flags(clear=PRIMARY)
@@ -198,6 +212,12 @@ class Resource:
         if self.conn == CONNECTED and self.peer_role == "Primary":
             raise RoleError(f"{self.name}: the peer is Primary; demote it first "
                             "(two primaries are never allowed while connected)")
+        rp = None if self._consistent() or self.conn == CONNECTED else self.rps.last_consistent()
+        if rp is not None and not force:
+            age = time.time() - rp.created
+            raise RoleError(f"{self.name}: a volume is Inconsistent (a resync was interrupted); the last "
+                            f"consistent recovery point is {rp.id}, taken {age:.0f}s ago ({rp.reason}). "
+                            "Use --force to fail over to it")
         for vs in self.vols:
             if vs.disk == INCONSISTENT and not force:
                 raise RoleError(f"{self.name}: volume {vs.vol.number} is Inconsistent; "
@@ -210,6 +230,10 @@ class Resource:
         if self.conn != CONNECTED and not force:
             raise RoleError(f"{self.name}: the peer is not connected, so its role is unknown; "
                             "use --force for a disaster failover")
+        if rp is not None:
+            # Failover from an interrupted resync: roll back to the last consistent image.
+            await self._restore(rp)
+            self._event("failover-from-rp", id=rp.id, age_seconds=round(time.time() - rp.created, 1))
         for vs in self.vols:
             sb = vs.vol.md.sb
             if force and (sb.current_gi == GI_JUST_CREATED or vs.disk != UPTODATE):
@@ -254,9 +278,7 @@ class Resource:
             raise RoleError(f"{self.name}: this node is Primary; demote it before discarding its data")
         self._discard = discard
         self._event("resolve-requested", discard=discard)
-        if self.conn == STANDALONE and not self._stopping:
-            self.conn = CONNECTING
-            self._spawn(self._connect_loop(), "connect")
+        self.connect()
 
     # -- application I/O (the NBD exports call these) --------------------------------
 
@@ -287,7 +309,9 @@ class Resource:
             self._writes_deciding += 1
             try:
                 lock = self.locks[number]
-                hold = lock.try_shared(offset, length) or await lock.acquire(offset, length)
+                # Overlapping writes exclude each other until written locally, so
+                # both nodes apply them in the same (send) order; see rangelock.py.
+                hold = lock.try_acquire(offset, length) or await lock.acquire(offset, length)
                 try:
                     if self.replicating(vs):
                         self._seq += 1
@@ -309,6 +333,9 @@ class Resource:
                         vs.vol.bitmap.set_range(offset, length)
                         if self._exposed_since is None:
                             self._exposed_since = time.time()
+                    if self.rps.manifests and self.rps.needs_preserve(number, offset, length):
+                        await self._preserve([(number, offset, length)])
+                    self._dirty_since_rp = True
                     await vs.vol.pwrite(offset, data, durable=fua)
                 finally:
                     lock.release(hold)
@@ -409,6 +436,11 @@ class Resource:
                     return
             finally:
                 link.close()
+            if self._connected_at is not None and self.role == "Secondary" and self._consistent() \
+                    and not self._stopping:
+                # The link is gone: this is the peer's last consistent point as far as we know.
+                with contextlib.suppress(OSError, RecoveryPointError):
+                    await self._take_rp(DEGRADED)
             # A connection that held for a minute resets the backoff; one that
             # failed early (refused, unhealthy, flapping) makes the next wait longer.
             held = self._connected_at is not None and time.monotonic() - self._connected_at >= 60
@@ -509,9 +541,187 @@ class Resource:
         old.revoke()            # also a link still in its handshake, not only self._link
         self._drop_connection("security settings changed", kind="security-changed")
 
+    # -- pausing writes (the handshake, recovery points) ---------------------------------------
+
+    async def _pause_io(self) -> None:
+        """Hold new writes and wait until none is between its checks and its local write."""
+        self._io_pauses += 1
+        self._io_open.clear()
+        while self._writes_deciding:
+            await wait(self._writes_idle)
+
+    def _resume_io(self) -> None:
+        self._io_pauses -= 1
+        if not self._io_pauses:
+            self._io_open.set()
+
+    # -- recovery points -------------------------------------------------------------------------
+
+    def _consistent(self) -> bool:
+        return all(vs.disk != INCONSISTENT for vs in self.vols)
+
+    async def _take_rp(self, reason: str, *, quiesced: bool = False, labels: dict | None = None):
+        """Create an RP of every volume at one instant; returns its manifest.
+
+        quiesced: the caller already holds writes and the apply path still
+        (the handshake's paused phase). Otherwise a Primary pauses its writes
+        and a connected Secondary takes it between two applied batches, in
+        the order the peer sent them.
+        """
+        if reason in (PRE_RESYNC, DEGRADED) and not self._dirty_since_rp and self.rps.manifests:
+            last = next(reversed(self.rps.manifests.values()))
+            if last.consistent:
+                self._event("rp-skipped", reason=reason, same_as=last.id)
+                return last
+        if quiesced:
+            return await self._create_rp(reason, labels)
+        if self._apply_running():
+            marker = _ApplyPause(asyncio.get_running_loop())
+            self._apply_backlog += 1
+            self._apply_q.put_nowait([marker])
+            await marker.reached
+            try:
+                return await self._create_rp(reason, labels)
+            finally:
+                marker.done.set_result(None)
+        await self._pause_io()
+        try:
+            return await self._create_rp(reason, labels)
+        finally:
+            self._resume_io()
+
+    async def _preserve(self, ranges) -> None:
+        """Save pre-images before a write. If that fails (the RP disk is full or broken),
+        the VM's write still goes on: the recovery points are dropped, loudly."""
+        try:
+            await run_io(_preserve_all, self.rps, ranges)
+        except (OSError, RPStoreError) as e:
+            log.error("cannot preserve data for the recovery points resource=%s error=%s; "
+                      "dropping them so that writes go on", self.name, e)
+            dropped = await asyncio.to_thread(self.rps.drop_all)
+            self._event("rp-dropped", reason=str(e), ids=",".join(dropped))
+
+    def _release_apply_pauses(self) -> None:
+        """The applier is gone: an RP waiting for its turn in the stream takes it now."""
+        while not self._apply_q.empty():
+            for item in self._apply_q.get_nowait():
+                if isinstance(item, _ApplyPause) and not item.reached.done():
+                    item.reached.set_result(None)
+
+    async def _create_rp(self, reason: str, labels: dict | None):
+        t0 = time.monotonic()
+        m = await asyncio.to_thread(
+            self.rps.create, reason, role=self.role, consistent=self._consistent(),
+            generations=[_gi(vs.vol.md.sb.current_gi) for vs in self.vols], labels=labels)
+        self._dirty_since_rp = False
+        self._event("rp-created", id=m.id, reason=reason, consistent=m.consistent,
+                    seconds=round(time.monotonic() - t0, 4))
+        return m
+
+    def _apply_running(self) -> bool:
+        return self._applier is not None and not self._applier.done()
+
+    def _rp_protected(self):
+        """While a volume is Inconsistent, its last consistent RP must survive."""
+        return None if self._consistent() else self.rps.last_consistent()
+
+    async def _rp_schedule_loop(self) -> None:
+        """Periodic RPs (rp_interval) on the Secondary while in sync, then retention."""
+        last = max((m.created for m in self.rps.manifests.values() if m.reason == SCHEDULED), default=0.0)
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            t = self.cfg.tunables
+            in_sync = self.role == "Secondary" and self.conn == CONNECTED and all(
+                vs.repl == ESTABLISHED and not vs.vol.bitmap.count for vs in self.vols)
+            if not (t.rp_interval and in_sync and time.time() - last >= t.rp_interval):
+                continue
+            try:
+                m = await self._take_rp(SCHEDULED)
+                last = m.created
+                gone = await asyncio.to_thread(self.rps.expire, keep=t.rp_keep, max_age=t.rp_max_age,
+                                               protect=self._rp_protected())
+                if gone:
+                    self._event("rp-expired", ids=",".join(gone))
+            except (OSError, RecoveryPointError) as e:
+                log.error("scheduled recovery point failed resource=%s error=%s", self.name, e)
+
+    async def rp_create(self, labels: dict | None = None) -> dict:
+        return (await self._take_rp(MANUAL, labels=labels)).to_dict()
+
+    def rp_list(self) -> list[dict]:
+        return self.rps.list()
+
+    async def rp_delete(self, rp_id: str) -> None:
+        await asyncio.to_thread(self.rps.delete, rp_id, protect=self._rp_protected())
+        self._event("rp-deleted", id=rp_id)
+
+    def rp_export(self, rp_id: str) -> list[str]:
+        names = self.rps.export(rp_id, [v.export for v in self.cfg.volumes])
+        self._event("rp-exported", id=rp_id, exports=",".join(names))
+        return names
+
+    def rp_unexport(self, rp_id: str) -> list[str]:
+        return self.rps.unexport(rp_id)
+
+    async def rp_clone(self, rp_id: str, name: str) -> list[str]:
+        names = await asyncio.to_thread(self.rps.clone, rp_id, name, [v.export for v in self.cfg.volumes])
+        self._event("rp-cloned", id=rp_id, clone=name, exports=",".join(names))
+        return names
+
+    async def rp_clone_delete(self, name: str) -> None:
+        await asyncio.to_thread(self.rps.delete_clone, name)
+        self._event("rp-clone-deleted", clone=name)
+
+    async def rp_restore(self, rp_id: str) -> dict:
+        """Roll this node's volumes back to an RP. Only on a Secondary that is StandAlone."""
+        m = self.rps.get(rp_id)
+        if self.role == "Primary":
+            raise RoleError(f"{self.name}: is Primary; demote it before restoring a recovery point")
+        if self.conn != STANDALONE:
+            raise RoleError(f"{self.name}: is {self.conn}; run `tandemctl disconnect {self.name}` first, "
+                            "so the peer does not resync over the restore")
+        return await self._restore(m)
+
+    async def _restore(self, m) -> dict:
+        t0 = time.monotonic()
+        # Mark first: a crash half way leaves the blocks out of sync, not silently old.
+        changed = self.rps.changed_since(m.id)
+        for vs, ranges in zip(self.vols, changed, strict=True):
+            for offset, length in ranges:
+                vs.vol.bitmap.set_range(offset, length)
+            await asyncio.to_thread(vs.vol.md.write_bitmap_pages)
+        restored = await asyncio.to_thread(self.rps.restore, m.id)
+        nbytes = sum(length for ranges in restored for _, length in ranges)
+        for vs in self.vols:
+            if m.consistent:
+                vs.vol.md.set_flags(set_=CONSISTENT, clear=WAS_UP_TO_DATE)
+                vs.disk = OUTDATED
+            else:
+                vs.vol.md.set_flags(clear=CONSISTENT | WAS_UP_TO_DATE)
+                vs.disk = INCONSISTENT
+        self._dirty_since_rp = True
+        self._event("rp-restored", id=m.id, bytes=nbytes, seconds=round(time.monotonic() - t0, 3))
+        return {"id": m.id, "restored_bytes": nbytes}
+
+    # -- explicit connection control ---------------------------------------------------------------
+
+    async def disconnect(self) -> None:
+        """Go StandAlone and stay there (until connect or resolve)."""
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._connect_task
+            self._connect_task = None
+        self._drop_connection("operator disconnect", standalone=True, kind="operator")
+        self.conn = STANDALONE
+
+    def connect(self) -> None:
+        if self.conn == STANDALONE and not self._stopping:
+            self.conn = CONNECTING
+            self._connect_task = self._spawn(self._connect_loop(), "connect")
+
     def _drop_connection(self, reason: str, standalone: bool = False, kind: str = "disconnected") -> None:
         """Leave the connected state. Synchronous, so a timer can call it."""
-        self._io_open.set()
         was = self.conn
         link, self._link = self._link, None
         if link is not None:
@@ -612,11 +822,9 @@ class Resource:
         # 3. Pause writes so that each one is either replicated or in the bitmap
         #    that the state exchange describes, then exchange state. Writes
         #    wait meanwhile, so the network part is bounded by sync_timeout.
-        self._io_open.clear()
+        await self._pause_io()
         try:
             async with asyncio.timeout(t.sync_timeout):
-                while self._writes_deciding:
-                    await wait(self._writes_idle)
                 hello = self._hello()
                 link.send(wire.encode_json(T.HELLO, hello))
                 msg = peer_hello or await link.read_message(3600)
@@ -631,13 +839,21 @@ class Resource:
                     raise _Refused("both nodes are Primary: refusing the connection (split brain)", True)
                 plans = self._plan(hello, peer)
                 received = await self._exchange_bitmaps(link, plans)
+            if any(s in handshake.TARGETS for _, s, _ in plans) and self._consistent():
+                # The resync makes this node Inconsistent: keep its last consistent image.
+                await self._take_rp(PRE_RESYNC, quiesced=True)
+            for vs, strategy, pv in plans:
+                await self._begin(vs, strategy, pv, received.get(vs.vol.number))
         except TimeoutError:
             raise TimeoutError(f"state exchange took longer than sync_timeout "
                                f"({t.sync_timeout:g}s) while writes were paused") from None
-        for vs, strategy, pv in plans:
-            await self._begin(vs, strategy, pv, received.get(vs.vol.number))
+        except _Refused as e:
+            if e.split_brain:
+                await self._take_rp(SPLIT_BRAIN, quiesced=True)
+            raise
+        finally:
+            self._resume_io()
         self._check_in_sync()
-        self._io_open.set()
         self._spawn(self._ping_loop(), "ping")
         # Received messages are handled as they arrive (_on_messages): acks and
         # pings at once, writes applied right there when nothing is queued ahead
@@ -646,7 +862,7 @@ class Resource:
         self._queued = 0
         self._apply_backlog = 0
         self._sizes = [vs.vol.size for vs in self.vols]
-        applier = asyncio.ensure_future(self._apply_loop())
+        applier = self._applier = asyncio.ensure_future(self._apply_loop())
         link.start_dispatch(self._on_messages)
         try:
             done, _ = await asyncio.wait({link.done, applier}, return_when=asyncio.FIRST_COMPLETED)
@@ -656,6 +872,8 @@ class Resource:
             applier.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await applier
+            self._applier = None
+            self._release_apply_pauses()
 
     async def _probe(self, link: Link, seconds: float) -> None:
         """Ping the peer for `seconds`; every answer must come within sync_timeout."""
@@ -704,7 +922,7 @@ class Resource:
                         self_gi=_gi(me.current), peer_gi=_gi(them.current))
             if strategy in (handshake.SPLIT_BRAIN, handshake.UNRELATED):
                 raise _Refused(f"volume {vs.vol.number}: {strategy} (rule {rule}); "
-                               "manual recovery needed", True)
+                               "manual recovery needed", True, split_brain=strategy == handshake.SPLIT_BRAIN)
             if strategy in handshake.TARGETS and self.role == "Primary":
                 raise _Refused(f"volume {vs.vol.number}: the Primary would become sync target "
                                f"(rule {rule}); refusing", True)
@@ -830,6 +1048,9 @@ class Resource:
             total += m.length
         if not INLINE.allowed(total):
             return False
+        rps = self.rps
+        if rps.manifests and any(rps.needs_preserve(m.volume, m.offset, m.length) for m in msgs):
+            return False                    # the pre-image must be saved first: not inline
         held = []
         for m in msgs:
             if not vols[m.volume].vol.al.try_acquire(m.offset, m.length):
@@ -876,7 +1097,10 @@ class Resource:
                     i = j
                     continue
                 msg = batch[i]
-                if msg.type == T.FLUSH:
+                if isinstance(msg, _ApplyPause):       # an RP is taken at this point of the stream
+                    msg.reached.set_result(None)
+                    await msg.done
+                elif msg.type == T.FLUSH:
                     for vs in self.vols:
                         await vs.vol.flush()
                     self._send(wire.encode_u64(T.FLUSH_ACK, msg.seq))
@@ -901,6 +1125,12 @@ class Resource:
                 if not al.try_acquire(m.offset, m.length):
                     await al.acquire(m.offset, m.length)
                 held.append(m)
+            rps = self.rps
+            if rps.manifests:
+                todo = [(m.volume, m.offset, m.length) for m in msgs
+                        if rps.needs_preserve(m.volume, m.offset, m.length)]
+                if todo:
+                    await self._preserve(todo)
             writes = [(vols[m.volume].vol.fd, m.offset, m.data) for m in msgs]
             sync = {vols[m.volume].vol.fd for m in msgs if m.type == T.DATA and m.flags & wire.FLAG_FUA}
             if not sync and INLINE.allowed(sum(m.length for m in msgs)):
@@ -915,6 +1145,7 @@ class Resource:
     def _applied(self, msgs) -> None:
         """Account for applied writes and acknowledge them."""
         vols = self.vols
+        self._dirty_since_rp = True
         acks = []
         last_seq = 0
         for m in msgs:
@@ -1003,7 +1234,7 @@ class Resource:
                     await asyncio.sleep(0.001)
                     if vs.repl != SYNC_SOURCE:
                         return
-                async with lock.hold(offset, length, exclusive=True):
+                async with lock.hold(offset, length):
                     data = await vs.vol.pread(offset, length)
                     vs.rs_inflight.add((offset, length))
                     self._send(wire.encode_rs_data(number, offset, data))
@@ -1080,6 +1311,7 @@ class Resource:
         return {"name": self.name, "role": self.role, "connection": self.conn,
                 "peer": self.cfg.peer.name, "peer_role": self.peer_role,
                 "protocol": self.cfg.protocol, "degraded": self.degraded, "rpo": self.rpo_exposure(),
+                "recovery_points": self.rps.summary() if self.rps else None,
                 "volumes": vols, "stats": dict(self.stats)}
 
     def rpo_exposure(self) -> dict:
@@ -1099,10 +1331,26 @@ class Resource:
         return {"bytes": nbytes, "seconds": round(age, 3)}
 
 
+class _ApplyPause:
+    """Queued on the Secondary's apply path: the applier stops there until `done`."""
+    type = None
+    length = 0
+
+    def __init__(self, loop):
+        self.reached = loop.create_future()
+        self.done = loop.create_future()
+
+
 class _Refused(Exception):
-    def __init__(self, msg: str, standalone: bool):
+    def __init__(self, msg: str, standalone: bool, split_brain: bool = False):
         super().__init__(msg)
         self.standalone = standalone
+        self.split_brain = split_brain
+
+
+def _preserve_all(rps: RecoveryPoints, ranges) -> None:
+    for volume, offset, length in ranges:
+        rps.preserve(volume, offset, length)
 
 
 def _gi(value: int) -> str:
