@@ -164,3 +164,75 @@ def test_bitmap_chunks_roundtrip_and_shrink():
 def test_hostile_bitmap_chunks_are_protocol_errors(packed, expected):
     with pytest.raises(wire.ProtocolError):
         wire.unpack_bitmap(packed, expected)
+
+
+# -- online verify (VERIFY_REQ / VERIFY_REPLY) -------------------------------------------
+
+_VERIFY = struct.Struct("<QHQII")
+
+
+def _verify_raw(t: T, fields: tuple, body: bytes) -> bytes:
+    payload = _VERIFY.pack(*fields) + body
+    return struct.pack("<IHHI", wire.MAGIC, t, 0, len(payload)) + payload
+
+
+def test_verify_messages_round_trip():
+    digests = bytes(range(16)) * 256                          # 1 MiB in 4 KiB blocks
+    req = decode(b"".join(wire.encode_verify_req(5, 1, 1 << 20, 1 << 20, 4096, digests)))
+    assert (req.type, req.seq, req.volume, req.offset, req.length, req.block_size, bytes(req.data)) == \
+        (T.VERIFY_REQ, 5, 1, 1 << 20, 1 << 20, 4096, digests)
+    mask = bytes([0b101]) + bytes(31)
+    rep = decode(b"".join(wire.encode_verify_reply(5, 1, 1 << 20, 1 << 20, 4096, mask)))
+    assert (rep.type, rep.seq, rep.volume, rep.offset, rep.length, rep.block_size, bytes(rep.data)) == \
+        (T.VERIFY_REPLY, 5, 1, 1 << 20, 1 << 20, 4096, mask)
+    # A partial last block (a volume that ends inside a block) counts as one block.
+    assert wire.verify_blocks(4096 * 3 + 512, 4096) == 4
+    tail = decode(b"".join(wire.encode_verify_reply(6, 0, 8192, 4096 + 512, 4096, b"\x02")))
+    assert (tail.length, bytes(tail.data)) == (4608, b"\x02")
+    # The smallest block size makes the biggest request; it still fits the limits.
+    big = decode(b"".join(wire.encode_verify_req(7, 0, 0, 1 << 20, 512, bytes(16 * 2048))))
+    assert len(big.data) == 16 * 2048
+    assert len(decode(b"".join(wire.encode_verify_reply(7, 0, 0, 1 << 20, 512, bytes(256)))).data) == 256
+
+
+@pytest.mark.parametrize("t, fields, body, message", [
+    (T.VERIFY_REQ, (1, 0, 0, 8192, 4096), bytes(16), "expected 58"),            # one digest short
+    (T.VERIFY_REQ, (1, 0, 0, 8192, 4096), bytes(48), "expected 58"),            # one too many
+    (T.VERIFY_REQ, (1, 0, 0, 0, 4096), b"", "bad length"),
+    (T.VERIFY_REQ, (1, 0, 0, (1 << 20) + 4096, 4096), bytes(16 * 257), "exceeds|bad length"),
+    (T.VERIFY_REQ, (1, 0, 0, 4096, 3000), bytes(32), "bad block size"),           # not a power of two
+    (T.VERIFY_REQ, (1, 0, 0, 4096, 256), bytes(256), "bad block size"),           # too small
+    (T.VERIFY_REQ, (1, 0, 0, 4096, 2 << 20), bytes(16), "bad block size"),        # too big
+    (T.VERIFY_REQ, (1, 0, 512, 4096, 4096), bytes(16), "not a multiple"),
+    (T.VERIFY_REPLY, (1, 0, 0, 8192, 4096), b"", "expected 27"),
+    (T.VERIFY_REPLY, (1, 0, 0, 8192, 4096), b"\x01\x00", "expected 27"),
+    (T.VERIFY_REPLY, (1, 0, 0, 8192, 4096), b"\x04", "past the last block"),
+    (T.VERIFY_REPLY, (1, 0, 0, 4096, 4096), b"\x80", "past the last block"),
+])
+def test_malformed_verify_messages_are_rejected(t, fields, body, message):
+    with pytest.raises(ProtocolError, match=message):
+        decode(_verify_raw(t, fields, body))
+
+
+def test_verify_header_is_checked_too():
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(struct.pack("<IHHI", wire.MAGIC, T.VERIFY_REQ, 0, 1 << 20))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        decode(struct.pack("<IHHI", wire.MAGIC, T.VERIFY_REPLY, 0, 4096))
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        decode(_verify_raw(T.VERIFY_REPLY, (1, 0, 0, 4096, 4096), b"\x01").replace(
+            struct.pack("<HH", T.VERIFY_REPLY, 0), struct.pack("<HH", T.VERIFY_REPLY, 1), 1))
+    with pytest.raises(ProtocolError, match="expected at least"):
+        decode(struct.pack("<IHHI", wire.MAGIC, T.VERIFY_REQ, 0, 10) + bytes(10))
+
+
+@settings(max_examples=200, deadline=None)
+@given(t=st.sampled_from([T.VERIFY_REQ, T.VERIFY_REPLY]), payload=st.binary(min_size=26, max_size=120))
+def test_verify_garbage_is_rejected_or_consistent(t, payload):
+    raw = struct.pack("<IHHI", wire.MAGIC, t, 0, len(payload)) + payload
+    try:
+        msg = decode(raw)
+    except (ProtocolError, LinkClosed):
+        return
+    n = wire.verify_blocks(msg.length, msg.block_size)
+    assert len(msg.data) == (n * 16 if t == T.VERIFY_REQ else (n + 7) // 8)

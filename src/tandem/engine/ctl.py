@@ -16,7 +16,7 @@ import time
 DEFAULT_SOCKET = os.path.join(os.environ.get("TANDEM_RUN_DIR", "/run/tandem"), "tandemd.sock")
 
 
-def request(path: str, req: dict, timeout: float = 300) -> dict:
+def request(path: str, req: dict, timeout: float | None = 300) -> dict:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
@@ -45,6 +45,8 @@ def print_status(resources: list[dict]) -> None:
         for v in r["volumes"]:
             line = (f"  volume:{v['volume']} disk:{v['disk']} peer-disk:{v['peer_disk']} "
                     f"replication:{v['replication']}")
+            if "verify_percent" in v:
+                line += f" verify:{v['verify_percent']}%"
             if "sync_percent" in v:
                 eta = v.get("sync_eta_seconds")
                 line += f" done:{v['sync_percent']}%" + (f" eta:{eta}s" if eta is not None else "")
@@ -85,6 +87,27 @@ def print_rp(op: str, reply: dict) -> None:
         print(f"restored {reply['id']}: {_human_size(reply['restored_bytes'])} rewritten")
     else:
         print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
+
+
+def print_verify(reply: dict) -> None:
+    for v in reply["volumes"]:
+        print(f"{reply['resource']} volume:{v['volume']} checked:{_human_size(v['checked_bytes'])} "
+              f"out-of-sync:{_human_size(v['out_of_sync_bytes'])} in {v['seconds']}s")
+        for offset, length in v["ranges"][:10]:
+            print(f"  out of sync: offset {offset} length {length}")
+        more = len(v["ranges"]) - 10
+        if more > 0 or v.get("ranges_truncated"):
+            print(f"  ... {'more than ' if v.get('ranges_truncated') else ''}{max(more, 0)} more ranges "
+                  "(--json lists up to 1000)")
+    if not reply.get("ok"):
+        return
+    if reply.get("resync_started"):
+        print("resync: the out-of-sync blocks are in the bitmap and the connection was dropped; "
+              "the reconnect resyncs them (see `tandemctl status`)")
+    elif reply.get("out_of_sync_bytes"):
+        print(f"run `tandemctl verify {reply['resource']} --resync` to resync them")
+    else:
+        print("in sync")
 
 
 def main(argv=None) -> int:
@@ -128,11 +151,15 @@ def main(argv=None) -> int:
         rp_parsers.append(sp)
         if op == "create":
             sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    vf = sub.add_parser("verify", help="compare the data of both nodes online, block by block")
+    vf.add_argument("resource")
+    vf.add_argument("--resync", action="store_true",
+                    help="resync the blocks that differ (drops and re-establishes the connection)")
     ad = sub.add_parser("adjust", help="make the running resources match the resource files")
     ad.add_argument("resource", nargs="?")
     ad.add_argument("--dry-run", action="store_true", help="print the planned actions only")
     sub.add_parser("events", help="stream state changes as JSON lines")
-    for sp in (pr, se, rv, dc, cn, ad):
+    for sp in (pr, se, rv, dc, cn, vf, ad):
         sp.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -155,16 +182,21 @@ def main(argv=None) -> int:
             if bad:
                 p.error(f"--label expects KEY=VALUE, got {bad[0]!r}")
             req["labels"] = dict(item.split("=", 1) for item in args.label)
+    if getattr(args, "resync", False):
+        req["resync"] = True
     try:
         if args.cmd == "events":
             return _events(args.socket)
-        reply = request(args.socket, req)
+        # A verify answers when it ends: as long as the volumes take at the resync rate.
+        reply = request(args.socket, req, timeout=None if args.cmd == "verify" else 300)
     except (OSError, ValueError) as e:
         print(f"tandemctl: cannot talk to tandemd at {args.socket}: {e}", file=sys.stderr)
         return 2
     if not reply.get("ok"):
         if getattr(args, "json", False):
             print(json.dumps(reply))
+        elif args.cmd == "verify" and reply.get("volumes"):
+            print_verify(reply)
         print(f"tandemctl {args.cmd}: {reply.get('error')}", file=sys.stderr)
         return 1
     if getattr(args, "json", False):
@@ -173,6 +205,8 @@ def main(argv=None) -> int:
         print_status(reply["resources"])
     elif args.cmd == "rp":
         print_rp(args.op, reply)
+    elif args.cmd == "verify":
+        print_verify(reply)
     elif args.cmd == "adjust":
         for action in reply["actions"]:
             print(f"{'would ' if reply['dry_run'] else ''}{action['kind']} {action['resource']}")

@@ -6,9 +6,11 @@
 - answers `tandemctl` on a unix control socket with one JSON object per line.
 
 Control requests: {"cmd": "status" | "primary" | "secondary" | "resolve" |
-"adjust" | "events", "resource": ..., "force": bool, "dry_run": bool,
-"discard": node}. Every reply has
-"ok"; a refusal carries "error" with the engine's reason.
+"verify" | "adjust" | "events", "resource": ..., "force": bool, "dry_run": bool,
+"discard": node, "resync": bool}. Every reply has
+"ok"; a refusal carries "error" with the engine's reason. "verify" answers when
+the verify ends (a verify that stopped early: "ok": false, "error", and the
+"volumes" it checked).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .nbd import NBDServer
 from .recovery import RecoveryPointError
 from .resource import Resource, RoleError
 from .rpstore import RPStoreError
+from .verify import VerifyError
 
 log = logging.getLogger("tandem.engine.daemon")
 
@@ -211,6 +214,13 @@ class Daemon:
         if cmd == "resolve":
             await self._res(name).resolve(str(req.get("discard")))
             return {"ok": True, "resource": self._res(name).status()}
+        if cmd == "verify":
+            res = self._res(name)
+            try:
+                result = await res.verify(resync=bool(req.get("resync")))
+            except VerifyError as e:
+                return {"ok": False, "error": str(e), "resource": name, "volumes": e.volumes}
+            return {"ok": True, "resource": name, **result}
         if cmd == "adjust":
             return await self._adjust(name, bool(req.get("dry_run")))
         raise ValueError(f"unknown command {cmd!r}")

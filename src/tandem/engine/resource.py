@@ -137,6 +137,8 @@ class Resource:
         self._accepted: asyncio.Queue = asyncio.Queue(maxsize=4)
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "resync_bytes": 0,
                       "connects": 0, "protocol_errors": 0, "auth_errors": 0}
+        from .verify import Verifier  # here: verify.py imports this module
+        self._verifier = Verifier(self)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -279,6 +281,10 @@ class Resource:
         self._discard = discard
         self._event("resolve-requested", discard=discard)
         self.connect()
+
+    async def verify(self, resync: bool = False) -> dict:
+        """Online verify against the peer (verify.py); resync=True resyncs what differs."""
+        return await self._verifier.run(resync)
 
     # -- application I/O (the NBD exports call these) --------------------------------
 
@@ -757,6 +763,7 @@ class Resource:
                 vs.disk = INCONSISTENT
             vs.repl, vs.peer_disk = OFF, DUNKNOWN
             vs.rs_inflight.clear()
+        self._verifier.connection_lost(reason)
         if was == CONNECTED:
             if not self._stopping:
                 self._lost_link = True
@@ -1017,6 +1024,11 @@ class Resource:
                     fut.set_result(None)
             elif t == T.PING:
                 self._send(wire.encode_u64(T.PING_ACK, msg.seq))
+            elif t == T.VERIFY_REQ:
+                self._verifier.check_request(msg)
+                batch.append(msg)             # answered in apply order, after the writes before it
+            elif t == T.VERIFY_REPLY:
+                self._verifier.on_reply(msg)
             else:
                 raise wire.ProtocolError(f"unexpected {t.name} after the handshake")
         if not batch:
@@ -1105,6 +1117,8 @@ class Resource:
                         await vs.vol.flush()
                     self._send(wire.encode_u64(T.FLUSH_ACK, msg.seq))
                     await self._settle_al()
+                elif msg.type == T.VERIFY_REQ:
+                    await self._verifier.serve(msg)
                 else:
                     await self._on_state(msg.body)
                 i += 1
@@ -1307,6 +1321,7 @@ class Resource:
                              sync_eta_seconds=None if eta is None else round(eta, 1))
                 if vs.repl == SYNC_SOURCE:
                     entry["resync_rate"] = int(vs.resync_rate)
+            entry.update(self._verifier.progress(vs.vol.number))
             vols.append(entry)
         return {"name": self.name, "role": self.role, "connection": self.conn,
                 "peer": self.cfg.peer.name, "peer_role": self.peer_role,

@@ -44,6 +44,8 @@ class T(IntEnum):
     PING_ACK = 10      # id u64
     BITMAP = 11        # volume u16, first byte u64 + zlib of up to BITMAP_CHUNK bitmap bytes (handshake)
     AUTH = 12          # 32 bytes: HMAC-SHA256 proof of the shared secret (ident stage, auth.py)
+    VERIFY_REQ = 13    # id u64, volume u16, offset u64, length u32, block u32 + 16-byte digest per block
+    VERIFY_REPLY = 14  # id u64, volume u16, offset u64, length u32, block u32 + mismatch bitmask
 
 
 _DATA = struct.Struct("<HQQ")
@@ -53,9 +55,20 @@ _RS_ACK = struct.Struct("<HQI")
 _BITMAP = struct.Struct("<HQ")
 AUTH_SIZE = 32
 
+_VERIFY = struct.Struct("<QHQII")
+
+#: Online verify (verify.py): largest range per request, digest size, smallest block.
+VERIFY_MAX = 1 << 20
+VERIFY_DIGEST = 16
+VERIFY_MIN_BLOCK = 512
+
 _TYPES = {int(t): t for t in T}          # a dict lookup: calling T(n) is slow
 _JSON_TYPES = {T.HELLO, T.STATE}
 _U64_TYPES = {T.WRITE_ACK, T.FLUSH, T.FLUSH_ACK, T.PING, T.PING_ACK}
+_SMALL_LIMITS = {   # payload limits of the fixed-layout types bigger than 64 bytes
+    T.VERIFY_REQ: _VERIFY.size + VERIFY_MAX // VERIFY_MIN_BLOCK * VERIFY_DIGEST,
+    T.VERIFY_REPLY: _VERIFY.size + VERIFY_MAX // VERIFY_MIN_BLOCK // 8,
+}
 
 
 class Message:
@@ -65,7 +78,8 @@ class Message:
     frozen dataclass costs several times more to construct.
     """
 
-    __slots__ = ("type", "flags", "volume", "seq", "offset", "length", "data", "body")
+    __slots__ = ("type", "flags", "volume", "seq", "offset", "length", "data", "body",
+                 "block_size")      # VERIFY_REQ / VERIFY_REPLY only (set by parse_payload)
 
     def __init__(self, type: T, flags: int = 0, *, volume: int = 0, seq: int = 0, offset: int = 0,
                  length: int = 0, data: bytes | memoryview = b"", body: dict | None = None):
@@ -120,6 +134,23 @@ def encode_bitmap(volume: int, first_byte: int, chunk: bytes) -> list[bytes]:
     return [_frame(T.BITMAP, _BITMAP.size + len(chunk)) + _BITMAP.pack(volume, first_byte), chunk]
 
 
+def verify_blocks(length: int, block_size: int) -> int:
+    """Blocks (digests, mask bits) in a verify range; the last one may be partial."""
+    return -(-length // block_size)
+
+
+def encode_verify_req(rid: int, volume: int, offset: int, length: int, block_size: int,
+                      digests: bytes) -> list[bytes]:
+    return [_frame(T.VERIFY_REQ, _VERIFY.size + len(digests))
+            + _VERIFY.pack(rid, volume, offset, length, block_size), digests]
+
+
+def encode_verify_reply(rid: int, volume: int, offset: int, length: int, block_size: int,
+                        mask: bytes) -> list[bytes]:
+    return [_frame(T.VERIFY_REPLY, _VERIFY.size + len(mask))
+            + _VERIFY.pack(rid, volume, offset, length, block_size), mask]
+
+
 BITMAP_CHUNK = 1 << 20        # raw bitmap bytes per BITMAP message
 
 
@@ -154,7 +185,8 @@ def parse_header(fields: tuple[int, int, int, int]) -> tuple[T, int, int]:
     t = _TYPES.get(number)
     if t is None:
         raise ProtocolError(f"unknown message type {number}")
-    limit = MAX_JSON if t in _JSON_TYPES else (MAX_DATA + 64 if t in (T.DATA, T.RS_DATA, T.BITMAP) else 64)
+    limit = MAX_JSON if t in _JSON_TYPES else (
+        MAX_DATA + 64 if t in (T.DATA, T.RS_DATA, T.BITMAP) else _SMALL_LIMITS.get(t, 64))
     if length > limit:
         raise ProtocolError(f"{t.name} payload of {length} bytes exceeds {limit}")
     if flags & ~FLAG_FUA or (flags and t != T.DATA):
@@ -196,7 +228,35 @@ def parse_payload(t: T, flags: int, payload: bytes | bytearray) -> Message:
         _at_least(t, payload, _BITMAP.size)
         volume, first = _BITMAP.unpack_from(payload)
         return Message(t, volume=volume, offset=first, data=memoryview(payload)[_BITMAP.size:])
+    if t in (T.VERIFY_REQ, T.VERIFY_REPLY):
+        return _parse_verify(t, payload)
     raise ProtocolError(f"no decoder for {t.name}")    # pragma: no cover - enum is closed
+
+
+def _parse_verify(t: T, payload) -> Message:
+    """VERIFY_REQ / VERIFY_REPLY: the range and block geometry, then exactly the
+    digests (one per block) or the mask (one bit per block, unused bits zero).
+    Whether the range fits the volume and ends on a block is the receiver's check
+    (it knows the size)."""
+    _at_least(t, payload, _VERIFY.size)
+    rid, volume, offset, length, block = _VERIFY.unpack_from(payload)
+    if block < VERIFY_MIN_BLOCK or block > VERIFY_MAX or block & (block - 1):
+        raise ProtocolError(f"{t.name}: bad block size {block}")
+    if not 0 < length <= VERIFY_MAX:
+        raise ProtocolError(f"{t.name}: bad length {length}")
+    if offset % block:
+        raise ProtocolError(f"{t.name}: offset {offset} is not a multiple of the block size {block}")
+    n = verify_blocks(length, block)
+    body = memoryview(payload)[_VERIFY.size:]
+    if t == T.VERIFY_REQ:
+        _exact(t, payload, _VERIFY.size + n * VERIFY_DIGEST)
+    else:
+        _exact(t, payload, _VERIFY.size + (n + 7) // 8)
+        if n & 7 and body[-1] >> (n & 7):
+            raise ProtocolError(f"{t.name}: mask bits set past the last block")
+    msg = Message(t, volume=volume, seq=rid, offset=offset, length=length, data=body)
+    msg.block_size = block
+    return msg
 
 
 def _exact(t: T, payload: bytes, n: int) -> None:
