@@ -186,3 +186,58 @@ def test_clone_export_restore_and_restart(pair):
     rp(pair.b, pair, "delete", m["id"])
     # Left: the automatic RP b took before the resync that undid the restore.
     assert [r["reason"] for r in rp(pair.b, pair, "list")["recovery_points"]] == ["pre-resync"]
+
+
+def test_scheduled_rps_on_the_secondary_follow_rp_interval_and_rp_keep(tmp_path):
+    pair = Pair(tmp_path, tunables={"rp_interval": 1.0, "rp_keep": 2})
+    try:
+        pair.start()
+        pair.wait(pair.connected, what="connection")
+        pair.a.ctl("primary", pair.resource, "--force")
+        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+
+        def scheduled(node) -> list[dict]:
+            return [r for r in rp(node, pair, "list")["recovery_points"] if r["reason"] == "scheduled"]
+
+        pair.wait(lambda: len(scheduled(pair.b)) == 2, timeout=30, what="two scheduled RPs")
+        first = scheduled(pair.b)
+        pair.wait(lambda: scheduled(pair.b)[0]["id"] != first[0]["id"], timeout=30, what="retention")
+        assert len(scheduled(pair.b)) == 2                  # rp_keep: the oldest went
+        assert all(r["consistent"] and r["role"] == "Secondary" for r in scheduled(pair.b))
+        assert scheduled(pair.a) == []                      # never on the Primary
+    finally:
+        pair.stop()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kill9_of_the_secondary_leaves_its_rp_exact(tmp_path, seed):
+    """kill -9 while the Secondary saves pre-images for an RP: after the restart the RP
+    still reads exactly as the prefix of acknowledged writes it was taken at."""
+    rng = random.Random(seed)
+    pair = Pair(tmp_path)
+    try:
+        pair.start()
+        pair.wait(pair.connected, what="connection")
+        pair.a.ctl("primary", pair.resource, "--force")
+        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        writer = Writer(pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0", pair.size,
+                        random.Random(seed + 10), history=True)
+        writer.start()
+        time.sleep(rng.uniform(0.2, 0.8))
+        lo = writer.count
+        m = rp(pair.b, pair, "create")["recovery_point"]
+        hi = writer.count + 1
+        time.sleep(rng.uniform(0.05, 1.0))                  # writes after the RP: pre-images saved
+        pair.b.kill()
+        time.sleep(0.3)
+        writer.finish()
+        assert writer.error is None
+        pair.b.start()
+        (name,) = rp(pair.b, pair, "export", m["id"])["exports"]
+        image = read_export(pair.b, pair, name)
+        assert prefix_length(image, writer.history, lo, hi, pair.size) is not None, \
+            f"after kill -9 the RP is not the image after any of writes {lo}..{hi}"
+        pair.wait(pair.in_sync, timeout=60, what="resync of the restarted Secondary")
+        assert sha(pair.data_file(pair.a)) == sha(pair.data_file(pair.b))
+    finally:
+        pair.stop()

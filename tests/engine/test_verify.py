@@ -9,8 +9,10 @@ import os
 import random
 import re
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -185,14 +187,29 @@ class FakePeer:
     """Speaks the wire protocol as node "a" to node b, claiming a's state."""
 
     def __init__(self, pair: Pair, role: str):
-        from tandem.engine import wire
+        from tandem.engine import auth, wire
         self.wire = wire
         toml = pair.b.config_dir.joinpath(f"{pair.resource}.toml").read_text()
         port = int(toml.split('name = "b"\naddress = "127.0.0.1:')[1].split('"')[0])
-        self.s = socket.create_connection(("127.0.0.1", port), timeout=10)
-        ident = {"proto": wire.VERSION, "resource": pair.resource, "node": "a", "peer": "b", "probe": 0}
+        # Inside mutual TLS with a's certificate and the shared secret: the real
+        # handshake, so the hostile messages reach the verify code.
+        sec = pair.security["a"]
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        tls.load_cert_chain(sec["tls_cert"], sec["tls_key"])
+        tls.load_verify_locations(sec["tls_ca"])
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.s = tls.wrap_socket(raw, server_hostname="b")
+        nonce = auth.new_nonce()
+        ident = {"proto": wire.VERSION, "resource": pair.resource, "node": "a", "peer": "b", "probe": 0,
+                 "nonce": nonce}
         self.send(wire.encode_json(wire.T.HELLO, ident))
-        assert self.recv().type == wire.T.HELLO
+        theirs = self.recv()
+        assert theirs.type == wire.T.HELLO
+        secret = auth.parse_secret(Path(sec["secret_file"]).read_bytes())
+        their_nonce = bytes.fromhex(theirs.body["nonce"])
+        self.send(wire.encode_auth(auth.mac(secret, pair.resource, "a", their_nonce, bytes.fromhex(nonce))))
+        assert self.recv().type == wire.T.AUTH
+        ident = {k: v for k, v in ident.items() if k != "nonce"}
         vols = [{"number": v["volume"], "size": v["size"], "current": int(v["generation"]["current"], 16),
                  "bitmap": 0, "history": [int(h, 16) for h in v["generation"]["history"]],
                  "consistent": True, "disk": "UpToDate", "crashed_primary": False, "bits": 0}

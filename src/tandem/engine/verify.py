@@ -4,7 +4,7 @@ DRBD's `drbdadm verify` does, and optionally resync what differs.
 The initiator (the Primary; either node when neither is Primary) walks each
 volume in requests of up to wire.VERIFY_MAX bytes, at most WINDOW in flight,
 paced like a resync (ResyncPacer: resync_rate_max, backing off to
-resync_rate_min while application writes suffer). Per request, under an
+resync_rate_min while application writes suffer). Per request, under a
 hold of the range, it reads the range, hashes each bitmap block
 (blake2b, 16 bytes, in the I/O pool) and sends VERIFY_REQ with the digests.
 The peer handles VERIFY_REQ in its apply order, like FLUSH and STATE: behind
