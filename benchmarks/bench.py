@@ -299,10 +299,16 @@ def unix_socket_ready(path: str) -> bool:
     return True
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports (bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def make_backing(path: Path, size: int, mode: str) -> None:
@@ -508,7 +514,7 @@ class StandaloneTarget(Target):
     def setup(self) -> None:
         node = self.node = Node(self.spawn, self.dir, "a", self.ctx.python, self.src)
         # Node b exists in the configuration only: nothing listens on its port.
-        ports = {"a": free_port(), "b": free_port()}
+        ports = dict(zip(("a", "b"), free_ports(2), strict=True))
         node.write_config("C", ports, self.ctx.size, self.ctx.tunables, self.security("a"))
         make_backing(node.disk, self.ctx.size, self.ctx.prealloc)
         node.start()
@@ -534,7 +540,7 @@ class PairTarget(Target):
     def setup(self) -> None:
         a = self.a = Node(self.spawn, self.dir, "a", self.ctx.python, self.src)
         b = self.b = Node(self.spawn, self.dir, "b", self.ctx.python, self.src)
-        ports = {"a": free_port(), "b": free_port()}
+        ports = dict(zip(("a", "b"), free_ports(2), strict=True))
         for node in (a, b):
             node.write_config(self.protocol, ports, self.ctx.size, self.ctx.tunables,
                               self.security(node.name))

@@ -26,10 +26,20 @@ REPO = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: all bound at once, so the kernel cannot hand one out twice."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class Node:
@@ -114,8 +124,9 @@ class Pair:
         self.resource, self.size, self.volumes, self.protocol = resource, size, volumes, protocol
         self.root = root
         self.a, self.b = Node(root, "a"), Node(root, "b")
-        self.ports = {"a": free_port(), "b": free_port()}
-        self.proxy_port = free_port() if proxy else None
+        port_a, port_b, port_proxy = free_ports(3)
+        self.ports = {"a": port_a, "b": port_b}
+        self.proxy_port = port_proxy if proxy else None
         self.proxy: subprocess.Popen | None = None
         self.link: ProxyControl | None = None
         self._b_port = self.ports["b"]

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .harness import REPO, Pair, free_port
+from .harness import REPO, Pair, free_ports
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_adjust_is_idempotent_and_dry_run_changes_nothing(pair, tmp_path):
     text = text.replace(f'resource = "{pair.resource}"', 'resource = "vm2"')
     text = text.replace(f"{pair.resource}/disk", "vm2/disk").replace("disk0.img", "vm2-disk0.img")
     # The second resource gets its own replication ports.
-    ports = iter([free_port(), free_port()])
+    ports = iter(free_ports(2))
     text = re.sub(r'address = "127\.0\.0\.1:\d+"', lambda m: f'address = "127.0.0.1:{next(ports)}"', text)
     extra.write_text(text)
     plan = pair.a.ctl("adjust", "--dry-run")

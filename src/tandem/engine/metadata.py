@@ -26,6 +26,7 @@ import zlib
 from dataclasses import dataclass, field, replace
 
 from .bitmap import PAGE, Bitmap
+from .durable import fsync_dir
 
 MAGIC = b"TANDEMMD"
 VERSION = 1
@@ -151,7 +152,7 @@ class MetadataFile:
             os.pwrite(fd, sb.pack(), 0)
             os.fsync(fd)
             os.rename(tmp, path)        # never leave a half-made file under the real name
-            _fsync_dir(path)
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
         except BaseException:
             os.close(fd)
             _unlink(tmp)
@@ -285,14 +286,6 @@ class MetadataFile:
         self.write_bitmap_pages()
         self.write_al([])
         return newly
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: str) -> None:

@@ -31,6 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
+from .durable import fsync_dir, unlink_durably
 from .rpstore import Clone, RPImage, RPStore, RPStoreError, check_rp_id
 
 log = logging.getLogger("tandem.engine.recovery")
@@ -94,7 +95,7 @@ class RecoveryPoints:
                 # log was lost afterwards. Keep nothing half-true.
                 log.error("recovery point %s lacks a volume log; dropping it", rp_id)
                 manifests.pop(rp_id)
-                _unlink_durably(os.path.join(directory, f"{rp_id}.json"))
+                unlink_durably(os.path.join(directory, f"{rp_id}.json"))
         for s in stores:
             for rp_id in s.rp_ids():
                 if rp_id not in manifests:
@@ -144,7 +145,7 @@ class RecoveryPoints:
             f.flush()
             os.fsync(f.fileno())
         os.rename(path + ".tmp", path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self.manifests[rp_id] = m
         return m
 
@@ -182,7 +183,7 @@ class RecoveryPoints:
                                      "unexport it and delete its clones first")
         # Manifest first: a crash in between leaves logs without a manifest,
         # which open() finishes deleting.
-        _unlink_durably(os.path.join(self.directory, f"{m.id}.json"))
+        unlink_durably(os.path.join(self.directory, f"{m.id}.json"))
         del self.manifests[m.id]
         for s in self.stores:
             s.delete(m.id)
@@ -198,7 +199,7 @@ class RecoveryPoints:
         dropped = []
         for rp_id in list(self.manifests):
             with contextlib.suppress(OSError, RPStoreError):
-                _unlink_durably(os.path.join(self.directory, f"{rp_id}.json"))
+                unlink_durably(os.path.join(self.directory, f"{rp_id}.json"))
                 del self.manifests[rp_id]
                 for s in self.stores:
                     if rp_id in s:
@@ -284,7 +285,7 @@ class RecoveryPoints:
             self.exports.pop(c.name, None)
             c.close_sync()
         shutil.rmtree(os.path.join(self.directory, "clones", name))
-        _fsync_dir(os.path.join(self.directory, "clones"))
+        fsync_dir(os.path.join(self.directory, "clones"))
 
     def _reopen_clones(self) -> None:
         root = os.path.join(self.directory, "clones")
@@ -315,15 +316,3 @@ class RecoveryPoints:
                 "exports": sorted(self.exports), "clones": sorted(self.clones)}
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_durably(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    _fsync_dir(os.path.dirname(path))

@@ -48,6 +48,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from .bitmap import Bitmap
+from .durable import fsync_dir
 from .fileexport import _pread_full, _pwrite_full
 
 MAGIC = b"TANDEMRP"
@@ -119,14 +120,6 @@ def _unpack_header(path: str, raw: bytes) -> tuple[int, int, int, str]:
     if version != VERSION or hsize != HEADER_SIZE:
         raise CorruptLog(f"{path}: unsupported log version {version} / header size {hsize}")
     return seq, size, chunk, raw_id[:id_len].decode("ascii", "replace")
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pread_padded(fd: int, length: int, offset: int) -> bytes:
@@ -370,7 +363,7 @@ class RPStore:
                 _pwrite_full(fd, _pack_header(self._next_seq, self.size, self.chunk, rp_id), 0, False)
                 os.fsync(fd)
                 os.rename(tmp, path)          # never a half-made log under the real name
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -421,7 +414,7 @@ class RPStore:
                             self._by_id[rp_id] = log
                         raise
                     log.path = deleting
-                    _fsync_dir(self.directory)
+                    fsync_dir(self.directory)
                 # From here a failure (ENOSPC in the older log) leaves the RP hidden
                 # and its records still in the chain; the next open finishes the delete.
                 self._finish_delete(log)
@@ -670,7 +663,7 @@ class RPStore:
                 os.close(log.fd)
                 log.fd = -1
         os.unlink(log.path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     # -- open: scanning a log ----------------------------------------------------------------
 
@@ -903,7 +896,7 @@ class Clone:
         finally:
             os.close(fd)
         os.rename(tmp, os.path.join(directory, "map"))
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return cls.open(store, directory, name=name, block_size=block_size, executor=executor)
 
     @classmethod
