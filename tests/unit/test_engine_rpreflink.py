@@ -1,5 +1,5 @@
 """Reflink recovery points (rpreflink.py) on a real XFS with reflink=1 (the reflink_fs fixture,
-tests/unit/conftest.py)."""
+tests/unit/conftest.py), and the choice between reflink and delta storage in recovery.py."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import hashlib
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 from test_engine_rpstore import RPChain  # pytest puts tests/unit on sys.path
 
+from tandem.engine import rpreflink
+from tandem.engine.recovery import RecoveryPointError, RecoveryPoints
 from tandem.engine.rpreflink import (
     FIEMAP_EXTENT_SHARED,
     SUFFIX,
@@ -351,3 +354,112 @@ def test_reflink_store_against_the_model(reflink_fs):
         max_examples=100, stateful_step_count=30, deadline=None,
         suppress_health_check=[HealthCheck.too_slow]))
 
+
+# -- recovery.py: which storage a volume gets ------------------------------------------------------
+
+
+def volume(directory, number: int, size: int = 1 << 20, fill: bytes = b"\x01"):
+    path = os.path.join(str(directory), f"disk{number}.img")
+    Path(path).write_bytes(fill * size)
+    return SimpleNamespace(number=number, fd=os.open(path, os.O_RDWR), size=size, path=path)
+
+
+def create(rps, reason="manual"):
+    return rps.create(reason, role="Secondary", consistent=True, generations=["0"] * len(rps.stores))
+
+
+@pytest.fixture
+def closing():
+    fds = []
+    yield fds
+    for v in fds:
+        os.close(v.fd)
+
+
+def test_xfs_volume_gets_reflink_ext4_volume_gets_delta(reflink_dir, tmp_path, closing):
+    on_xfs, on_ext4 = volume(reflink_dir, 0, fill=b"\x01"), volume(tmp_path, 1, fill=b"\x02")
+    closing += [on_xfs, on_ext4]
+    state = tmp_path / "state" / "rp"
+    rps = RecoveryPoints.open(str(state), "a", [on_xfs, on_ext4])
+    assert rps.storage() == ["reflink", "delta"] and rps.summary()["storage"] == ["reflink", "delta"]
+    assert not Path(on_ext4.path + ".rp").exists()               # the failed probe left nothing
+    m = create(rps)
+    assert Path(on_xfs.path + ".rp", m.id + SUFFIX).exists()
+    assert Path(state, "vol1", m.id + ".delta").exists() and not Path(state, "vol0").exists()
+    assert Path(state, m.id + ".json").exists()                  # the manifest stays in the state dir
+    for v in (on_xfs, on_ext4):
+        if rps.needs_preserve(v.number, 0, 4096):
+            rps.preserve(v.number, 0, 4096)
+        os.pwrite(v.fd, b"\xff" * 4096, 0)
+    assert not rps.needs_preserve(0, 0, 4096)                    # reflink: never
+    (entry,) = rps.list()
+    assert entry["storage"] == ["reflink", "delta"]
+    assert rps.changed_since(m.id) == [[(0, CHUNK)], [(0, CHUNK)]]
+    rps.clone(m.id, "drill", ["r/0", "r/1"])
+    assert rps.clones["drill"][0].read_sync(0, 8) == b"\x01" * 8
+    rps.delete_clone("drill")
+    rps.close()
+    rps = RecoveryPoints.open(str(state), "a", [on_xfs, on_ext4])
+    assert rps.storage() == ["reflink", "delta"] and list(rps.manifests) == [m.id]
+    assert rps.restore(m.id) == [[(0, CHUNK)], [(0, CHUNK)]]
+    assert os.pread(on_xfs.fd, 4096, 0) == b"\x01" * 4096 and os.pread(on_ext4.fd, 4096, 0) == b"\x02" * 4096
+    rps.delete(m.id)
+    assert os.listdir(on_xfs.path + ".rp") == []
+    rps.close()
+
+
+def test_existing_rps_keep_their_kind_until_none_is_left(reflink_dir, tmp_path, closing):
+    v = volume(reflink_dir, 0)
+    closing.append(v)
+    state = str(tmp_path / "rp")
+    rps = RecoveryPoints.open(state, "a", [v], storage="delta")
+    assert rps.storage() == ["delta"]
+    m = create(rps)
+    rps.close()
+    rps = RecoveryPoints.open(state, "a", [v])                   # .delta logs: stays delta on XFS
+    assert rps.storage() == ["delta"]
+    with pytest.raises(RecoveryPointError, match="no reflink recovery points"):
+        RecoveryPoints.open(state, "a", [v], storage="reflink")
+    rps.delete(m.id)
+    rps.close()
+    rps = RecoveryPoints.open(state, "a", [v])                   # none left: reflink from now on
+    assert rps.storage() == ["reflink"]
+    m = create(rps)
+    rps.close()
+    rps = RecoveryPoints.open(state, "a", [v], storage="delta")  # images: stays reflink
+    assert rps.storage() == ["reflink"] and list(rps.manifests) == [m.id]
+    rps.close()
+    # Both kinds at once is never made by tandem: refuse rather than guess.
+    Path(state, "vol0").mkdir(exist_ok=True)
+    Path(state, "vol0", "x.delta").write_bytes(b"")
+    with pytest.raises(RecoveryPointError, match="delta logs .* and reflink images"):
+        RecoveryPoints.open(state, "a", [v])
+
+
+def test_reflink_images_without_a_manifest_go_and_a_lost_image_drops_the_rp(reflink_dir, tmp_path, closing):
+    v = volume(reflink_dir, 0)
+    closing.append(v)
+    state = tmp_path / "rp"
+    rps = RecoveryPoints.open(str(state), "a", [v])
+    a, b = create(rps), create(rps)
+    rps.close()
+    os.unlink(state / f"{a.id}.json")                           # crashed before the manifest
+    os.unlink(Path(v.path + ".rp", b.id + SUFFIX))               # image lost afterwards
+    rps = RecoveryPoints.open(str(state), "a", [v])
+    assert rps.manifests == {} and rps.stores[0].rp_ids() == []
+    assert os.listdir(v.path + ".rp") == []
+    rps.close()
+
+
+def test_volume_without_a_path_or_on_a_block_device_gets_delta(tmp_path, closing):
+    v = volume(tmp_path, 0)
+    closing.append(v)
+    pathless = SimpleNamespace(number=0, fd=v.fd, size=v.size)
+    rps = RecoveryPoints.open(str(tmp_path / "rp"), "a", [pathless])
+    assert rps.storage() == ["delta"]
+    rps.close()
+    null = os.open("/dev/null", os.O_RDONLY)
+    try:
+        assert rpreflink.probe(str(tmp_path / "null.rp"), null) == "the volume is not a regular file"
+    finally:
+        os.close(null)
