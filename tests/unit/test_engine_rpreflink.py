@@ -12,7 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 from test_engine_rpstore import RPChain  # pytest puts tests/unit on sys.path
 
@@ -24,6 +25,10 @@ from tandem.engine.rpreflink import (
     TMP,
     XATTR,
     ReflinkStore,
+    _length,
+    _same_ranges,
+    _subtract,
+    _union,
     fiemap,
     probe,
 )
@@ -123,7 +128,7 @@ def test_create_is_fast_shares_every_extent_and_leaves_the_volume_alone(live, st
         assert all(f & FIEMAP_EXTENT_SHARED for *_, f in fiemap(img_fd, 0, size))
     finally:
         os.close(img_fd)
-    assert store.bytes_used("a") == 0                                        # it shares everything
+    assert store.usage() == {"a": 0}                                         # it shares everything
     assert store.read("a", 0, size) == before
     assert store.changed_since("a") == []
     assert not store.needs_preserve(0, size)
@@ -144,12 +149,52 @@ def test_writes_after_create_do_not_change_the_rp(live, store):
     os.fsync(fd)
     assert store.read("a", 0, size) == before
     # The RP alone now keeps the old blocks that were overwritten (holes cost nothing).
-    assert store.bytes_used("a") == len(overwritten & allocated) * BLOCK > 0
+    assert store.usage()["a"] == len(overwritten & allocated) * BLOCK > 0
     store.create("b")
     os.pwrite(fd, b"\xdd" * BLOCK, 20 * CHUNK)
     os.fsync(fd)
     assert store.read("b", 20 * CHUNK, BLOCK) == before[20 * CHUNK:20 * CHUNK + BLOCK]
     assert store.read("a", 0, size) == before
+
+
+def test_bytes_used_charges_each_kept_block_to_the_newest_rp_that_has_it(live, store):
+    fd, _, size = live
+    allocated = sorted({b for lg, _p, n, _f in fiemap(fd, 0, size, sync=True)
+                        for b in range(lg // BLOCK, (lg + n) // BLOCK)})
+    x, y = allocated[:40], allocated[100:110]
+
+    def overwrite(blocks, seed):
+        for b in blocks:
+            os.pwrite(fd, pattern((seed, b), BLOCK), b * BLOCK)
+        os.fsync(fd)
+
+    store.create("a")
+    store.create("b")
+    overwrite(x, "x")                    # a and b both keep x's old blocks: b pays, as in the delta chain
+    store.create("c")
+    overwrite(y, "y")
+    store.create("d")
+    assert store.usage() == {"a": 0, "b": 40 * BLOCK, "c": 10 * BLOCK, "d": 0}
+    store.delete("b")                    # now a is the newest that keeps x
+    assert store.usage() == {"a": 40 * BLOCK, "c": 10 * BLOCK, "d": 0}
+    overwrite(x[:5], "x2")               # d's (new) copies of them: d pays for those
+    assert store.usage()["d"] == 5 * BLOCK
+
+
+def test_bytes_used_never_waits_and_catches_up_in_the_background(live, store):
+    fd, _, size = live
+    store.create("a")
+    first = fiemap(fd, 0, size, sync=True)[0]
+    os.pwrite(fd, b"\x99" * BLOCK, first[0])             # a block the RP shares
+    os.fsync(fd)
+    store.bytes_used("a")                                  # starts a pass (a create happened)
+    deadline = time.monotonic() + 10
+    while store.bytes_used("a") != BLOCK:
+        assert time.monotonic() < deadline, "the background pass never delivered"
+        time.sleep(0.01)
+    store.close()                                          # joins a pass still running
+    with pytest.raises(RPStoreError, match="closed"):
+        store.usage()
 
 
 @pytest.mark.parametrize("use_fiemap,clone_back", [(True, True), (False, False), (True, False)])
@@ -171,7 +216,7 @@ def test_restore_returns_exactly_the_changed_ranges(live, store, use_fiemap, clo
     if clone_back:
         # The live file shares the RP's blocks again (but for the chunk rewritten with
         # the same bytes: that one the filesystem copied and nothing restores).
-        assert store.bytes_used("a") <= CHUNK
+        assert store.usage()["a"] <= CHUNK
     store.create("b")
     for off, n in writes:
         os.pwrite(fd, after[off:off + n], off)
@@ -315,6 +360,34 @@ def test_rp_image_and_clone_of_a_reflink_rp(live, store, tmp_path):
     asyncio.run(go())
     assert os.pread(fd, size, 0) == live_before
     store.delete("a")
+
+
+# -- pure helpers -----------------------------------------------------------------------------------
+
+_ranges = st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)).map(lambda t: (t[0], t[0] + t[1])),
+                   max_size=12)
+
+
+@given(_ranges, _ranges)
+def test_range_union_and_subtract_against_sets(a, b):
+    def points(ranges):
+        return {x for lo, hi in ranges for x in range(lo, hi)}
+
+    ua, ub = _union(a), _union(b)
+    assert points(ua) == points(a) and all(p[1] < q[0] for p, q in zip(ua, ua[1:], strict=False))
+    diff = _subtract(ua, ub)
+    assert points(diff) == points(a) - points(b) and _length(diff) == len(points(diff))
+
+
+def test_same_ranges_needs_the_same_blocks_or_holes_in_both():
+    s = FIEMAP_EXTENT_SHARED
+    a = [(0, 1000, 100, s), (100, 5000, 100, s), (300, 9000, 100, 0)]
+    b = [(0, 1000, 50, s), (50, 1050, 50, s), (100, 7000, 100, s), (300, 9000, 100, 0)]
+    # [0, 100) same blocks (b in two extents); [100, 200) other blocks; [200, 300) holes in both;
+    # [300, 400) the same address but not flagged shared: not trusted.
+    assert _same_ranges(a, b, 0, 400) == [(0, 100), (200, 300)]
+    assert _same_ranges(a, [], 0, 400) == [(200, 300)]
+    assert _same_ranges([(0, 1000, 100, s | 0x8)], [(0, 1000, 100, s | 0x8)], 0, 100) == []   # encoded
 
 
 # -- the model of test_engine_rpstore.py, on the reflink store ------------------------------------

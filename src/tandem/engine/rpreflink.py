@@ -21,9 +21,12 @@ use either. What differs:
   chunk by chunk (worst case: a read of both files in full);
 - restore() puts the differing chunks back with FICLONERANGE (the live file
   shares them with the RP again; pwrite where the filesystem refuses);
-- bytes_used() counts the image's extents no other file shares (FIEMAP):
-  the blocks it alone keeps alive. It is exactly the delta log's measure
-  (blocks first changed after this RP and before the next one).
+- bytes_used() charges each block the RPs keep alive (one the live file no
+  longer maps) to the NEWEST RP that maps it (FIEMAP, physical addresses):
+  the delta log's measure (a chunk's old data sits in the log of the newest
+  RP before its first write), and the sum over the RPs is what they cost.
+  Measured in a background thread (seconds on a very fragmented volume), so
+  the figure may be a few seconds old;
 
 Where the images live: `<volume file>.rp/` (image_dir()), next to the volume,
 because FICLONE works only within one filesystem and the resource's state
@@ -41,10 +44,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 from .durable import fsync_dir
@@ -82,11 +87,15 @@ FORMAT = 1
 SCAN = 64 << 20
 #: What the probe clones from the start of the live file.
 PROBE_BYTES = 64 << 10
+#: Seconds bytes_used() reuses one pass over the files' maps.
+USAGE_TTL = 2.0
 
 _FIEMAP_HEAD = struct.Struct("=QQIIII")         # start, length, flags, mapped, count, reserved
 _FIEMAP_EXT = struct.Struct("=QQQ16xI12x")      # logical, physical, length, flags
 _CLONE_RANGE = struct.Struct("=qQQQ")           # src fd, src offset, length, dest offset
 _FIEMAP_BATCH = 512
+
+log = logging.getLogger("tandem.engine.rpreflink")
 
 
 def image_dir(volume_path: str) -> str:
@@ -173,6 +182,10 @@ def probe(directory: str, live_fd: int) -> str | None:
     return why
 
 
+class _Closed(Exception):
+    """The store was closed during a background usage pass."""
+
+
 class _Image:
     __slots__ = ("path", "fd", "rp_id", "seq", "users", "doomed")
 
@@ -227,6 +240,40 @@ def _same_ranges(a_extents, b_extents, lo: int, hi: int) -> list[tuple[int, int]
     return same
 
 
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint, merged [lo, hi) ranges covering the given ones."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            if hi > out[-1][1]:
+                out[-1] = (out[-1][0], hi)
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """a minus b, both sorted and disjoint."""
+    out: list[tuple[int, int]] = []
+    j = 0
+    for lo, hi in a:
+        while j < len(b) and b[j][1] <= lo:
+            j += 1
+        k = j
+        while lo < hi and k < len(b) and b[k][0] < hi:
+            if b[k][0] > lo:
+                out.append((lo, b[k][0]))
+            lo = max(lo, b[k][1])
+            k += 1
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
+def _length(ranges: list[tuple[int, int]]) -> int:
+    return sum(hi - lo for lo, hi in ranges)
+
+
 class ReflinkStore:
     """The recovery points of one volume as reflink copies of the live file.
 
@@ -243,6 +290,9 @@ class ReflinkStore:
         self._images = {img.rp_id: img for img in sorted(images, key=lambda img: img.seq)}
         self._next_seq = max((img.seq for img in images), default=0) + 1
         self._pins: dict[str, int] = {}
+        self._usage: tuple[float, int, dict[str, int]] | None = None   # (when, generation, per RP)
+        self._usage_gen = 0               # bumped by create / delete / restore
+        self._usage_thread: threading.Thread | None = None
         self._admin = threading.Lock()
         self._lock = threading.Lock()
         self._closed = False
@@ -313,10 +363,15 @@ class ReflinkStore:
                 with contextlib.suppress(OSError):
                     os.close(img.fd)
             raise
-        return cls(directory, live_fd, size, chunks.pop() if chunks else chunk, images)
+        store = cls(directory, live_fd, size, chunks.pop() if chunks else chunk, images)
+        if images:
+            with store._lock:
+                store._start_usage_pass()     # bytes_used() then has figures soon
+        return store
 
     def close(self) -> None:
-        """Close the images (not the live fd, which belongs to the caller). Idempotent."""
+        """Close the images (not the live fd, which belongs to the caller). Idempotent.
+        Waits for a background usage pass to stop (it checks between files)."""
         with self._admin, self._lock:
             if self._closed:
                 return
@@ -327,6 +382,9 @@ class ReflinkStore:
                     os.close(img.fd)
                     img.fd = -1
             self._images = {}
+            thread = self._usage_thread
+        if thread is not None:
+            thread.join()                 # it must not touch the live fd after we return
 
     # -- queries -----------------------------------------------------------------------
 
@@ -339,22 +397,94 @@ class ReflinkStore:
         return rp_id in self._images
 
     def bytes_used(self, rp_id: str) -> int:
-        """Bytes of the image that no other file shares: what this RP alone keeps alive.
+        """Bytes of blocks that the live file no longer maps and no newer RP maps, but
+        this one does: what the RP costs, charged as the delta chain charges it (to
+        the newest RP that holds a block), so the sum over the RPs is their total.
 
-        Blocks that several RPs still share (changed in the live file after both)
-        are counted in none of them. Without FIEMAP: the image's allocated bytes,
-        an upper bound (shared blocks counted as if they were its own).
+        Never waits for the measurement (one FIEMAP of the live file and of every
+        image: seconds on a volume of 100k extents, and list() runs on the daemon's
+        event loop): returns the last pass's figure, 0 for an RP the pass did not see
+        (a new RP shares everything), and starts a new pass in a background thread
+        when that one is older than USAGE_TTL or RPs were created, deleted or
+        restored since. usage() measures now.
         """
-        img = self._acquire(rp_id)
+        with self._lock:
+            self._image(rp_id)
+            cached = self._usage
+            if (cached is None or cached[1] != self._usage_gen
+                    or time.monotonic() - cached[0] > USAGE_TTL):
+                self._start_usage_pass()
+        return 0 if cached is None else cached[2].get(rp_id, 0)
+
+    def usage(self) -> dict[str, int]:
+        """bytes_used of every RP, measured now (blocking). Without FIEMAP: each image's
+        allocated bytes, an upper bound (the blocks it shares counted as its own)."""
+        with self._lock:
+            self._check_open()
+            gen = self._usage_gen
         try:
+            result = self._usage_all()
+        except OSError:
+            result = {}
+            for rp_id in self.rp_ids():
+                with contextlib.suppress(UnknownRP):
+                    img = self._acquire(rp_id)
+                    try:
+                        result[rp_id] = os.fstat(img.fd).st_blocks * 512
+                    finally:
+                        self._release(img)
+        with self._lock:
+            self._usage = (time.monotonic(), gen, result)
+        return result
+
+    def _start_usage_pass(self) -> None:
+        """Caller holds _lock."""
+        if self._usage_thread is not None or self._closed:
+            return
+
+        def run():
             try:
-                return sum(min(self.size, lg + n) - max(0, lg)
-                           for lg, _p, n, flags in fiemap(img.fd, 0, self.size)
-                           if not flags & FIEMAP_EXTENT_SHARED and lg < self.size)
-            except OSError:
-                return os.fstat(img.fd).st_blocks * 512
+                self.usage()
+            except _Closed:
+                pass
+            except Exception as e:          # a figure for `rp list`: never worth a crash
+                log.warning("%s: measuring recovery point space failed: %s", self.directory, e)
+            finally:
+                with self._lock:
+                    self._usage_thread = None
+
+        self._usage_thread = threading.Thread(target=run, name="rp-usage", daemon=True)
+        self._usage_thread.start()
+
+    def _usage_all(self) -> dict[str, int]:
+        """bytes_used of every RP: newest first, each pays for its blocks that neither
+        the live file nor a newer image maps."""
+        def physical(extents):
+            return _union([(p, p + n) for _lg, p, n, flags in extents
+                           if flags & FIEMAP_EXTENT_SHARED and not flags & FIEMAP_UNTRUSTED])
+
+        with self._lock:
+            if self._closed:
+                raise _Closed
+            images = list(self._images.values())
+            for img in images:
+                img.users += 1
+        try:
+            covered = physical(fiemap(self.live_fd, 0, self.size))
+            usage: dict[str, int] = {}
+            for img in reversed(images):
+                if self._closed:
+                    raise _Closed
+                extents = fiemap(img.fd, 0, self.size)
+                own = sum(min(self.size, lg + n) - lg for lg, _p, n, flags in extents
+                          if not flags & FIEMAP_EXTENT_SHARED and lg < self.size)
+                shared = physical(extents)
+                usage[img.rp_id] = own + _length(_subtract(shared, covered))
+                covered = _union(covered + shared)
+            return usage
         finally:
-            self._release(img)
+            for img in images:
+                self._release(img)
 
     def changed_since(self, rp_id: str) -> list[tuple[int, int]]:
         """(offset, length) ranges (whole chunks) where the RP differs from the live volume.
@@ -412,6 +542,7 @@ class ReflinkStore:
                 raise
             with self._lock:
                 self._images[rp_id] = _Image(path, fd, rp_id, self._next_seq)
+                self._usage_gen += 1
             self._next_seq += 1
 
     def delete(self, rp_id: str) -> None:
@@ -424,6 +555,7 @@ class ReflinkStore:
                     raise RPInUse(f"recovery point {rp_id!r} is in use "
                                   f"({self._pins[rp_id]} exports/clones)")
                 del self._images[rp_id]
+                self._usage_gen += 1
             try:
                 os.unlink(img.path)
             except FileNotFoundError:
@@ -460,6 +592,8 @@ class ReflinkStore:
                 os.fsync(self.live_fd)
             finally:
                 self._release(img)
+                with self._lock:
+                    self._usage_gen += 1
             return _merge(chunks, self.chunk, self.size)
 
     def read(self, rp_id: str, offset: int, length: int) -> bytes:
