@@ -691,7 +691,7 @@ class Resource:
     async def _restore(self, m) -> dict:
         t0 = time.monotonic()
         # Mark first: a crash half way leaves the blocks out of sync, not silently old.
-        changed = self.rps.changed_since(m.id)
+        changed = await asyncio.to_thread(self.rps.changed_since, m.id)   # reflink: reads both files
         for vs, ranges in zip(self.vols, changed, strict=True):
             for offset, length in ranges:
                 vs.vol.bitmap.set_range(offset, length)
