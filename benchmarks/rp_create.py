@@ -277,6 +277,7 @@ def main_reflink(args) -> int:
             print("first overwrites of shared blocks after the RPs ...", file=sys.stderr)
             after = {"pwrite": overwrite(sets[2], False), "pwrite_fdatasync": overwrite(sets[3], True)}
             result["overwrite_4k_of_a_written_block"] = {"no_rp": before, "shared_with_5_rps": after}
+            result["live_extents_after_overwrites"] = len(fiemap(fd, 0, size, sync=True))
 
             newest = store.rp_ids()[-1]
             t0 = time.perf_counter()

@@ -445,10 +445,9 @@ class ReflinkStore:
         def run():
             try:
                 self.usage()
-            except _Closed:
-                pass
             except Exception as e:          # a figure for `rp list`: never worth a crash
-                log.warning("%s: measuring recovery point space failed: %s", self.directory, e)
+                if not self._closed:        # closed meanwhile: nobody wants the figure
+                    log.warning("%s: measuring recovery point space failed: %s", self.directory, e)
             finally:
                 with self._lock:
                     self._usage_thread = None
