@@ -129,7 +129,7 @@ def test_forwards_byte_exact_both_ways(faults):
             await w.drain()
             w.write_eof()
 
-        got, _ = await asyncio.gather(r.read(-1), send())       # read(-1): everything up to EOF
+        got, _sent = await asyncio.gather(r.read(-1), send())   # read(-1): everything up to EOF
         await target.peers[0].done.wait()
         assert hashlib.sha256(got).digest() == hashlib.sha256(down).digest()
         assert hashlib.sha256(target.peers[0].received).digest() == hashlib.sha256(up).digest()
@@ -339,7 +339,7 @@ def test_drop_one_refuses_every_connection():
     async def go():
         target = await Target().start()
         proxy = await proxy_to(target, drop=1.0)
-        for _ in range(5):
+        for _attempt in range(5):
             r, w = await connect(proxy)
             assert await asyncio.wait_for(r.read(100), 5) == b""
             w.close()

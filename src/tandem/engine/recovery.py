@@ -220,7 +220,9 @@ class RecoveryPoints:
         return dropped
 
     def expire(self, *, keep: int, max_age: float, protect: Manifest | None) -> list[str]:
-        """Retention: scheduled RPs by count and age, automatic ones by count. Returns deleted ids."""
+        """Retention: scheduled RPs by count and age, automatic ones by AUTO_KEEP and age.
+
+        Manual RPs stay until deleted. Returns the deleted ids."""
         now = time.time()
         doomed = []
         scheduled = [m for m in self.manifests.values() if m.reason == SCHEDULED]
@@ -228,7 +230,9 @@ class RecoveryPoints:
             if i >= keep or (max_age and now - m.created > max_age):
                 doomed.append(m)
         automatic = [m for m in self.manifests.values() if m.reason in AUTOMATIC]
-        doomed += list(reversed(automatic))[AUTO_KEEP:]
+        for i, m in enumerate(reversed(automatic)):          # newest first
+            if i >= AUTO_KEEP or (max_age and now - m.created > max_age):
+                doomed.append(m)
         deleted = []
         for m in doomed:
             try:

@@ -632,23 +632,30 @@ class Resource:
         return None if self._consistent() else self.rps.last_consistent()
 
     async def _rp_schedule_loop(self) -> None:
-        """Periodic RPs (rp_interval) on the Secondary while in sync, then retention."""
+        """Periodic RPs (rp_interval) on the Secondary while in sync; retention in any role.
+
+        Retention also runs on a Primary (once a minute), so the scheduled RPs a
+        node took as Secondary age out after a switchover instead of taxing the
+        new Primary's first writes for ever.
+        """
         last = max((m.created for m in self.rps.manifests.values() if m.reason == SCHEDULED), default=0.0)
+        expired_at = 0.0
         while not self._stopping:
             await asyncio.sleep(1.0)
             t = self.cfg.tunables
             in_sync = self.role == "Secondary" and self.conn == CONNECTED and all(
                 vs.repl == ESTABLISHED and not vs.vol.bitmap.count for vs in self.vols)
-            if not (t.rp_interval and in_sync and time.time() - last >= t.rp_interval):
-                continue
+            due = t.rp_interval and in_sync and time.time() - last >= t.rp_interval
             try:
-                m = await self._take_rp(SCHEDULED)
-                last = m.created
-                gone = await asyncio.to_thread(self.rps.expire, keep=t.rp_keep, max_age=t.rp_max_age,
-                                               protect=self._rp_protected())
-                if gone:
-                    self._event("rp-expired", ids=",".join(gone))
-            except (OSError, RecoveryPointError) as e:
+                if due:
+                    last = (await self._take_rp(SCHEDULED)).created
+                if due or (self.rps.manifests and time.monotonic() - expired_at >= 60):
+                    expired_at = time.monotonic()
+                    gone = await asyncio.to_thread(self.rps.expire, keep=t.rp_keep, max_age=t.rp_max_age,
+                                                   protect=self._rp_protected())
+                    if gone:
+                        self._event("rp-expired", ids=",".join(gone))
+            except (OSError, RecoveryPointError, RPStoreError) as e:
                 log.error("scheduled recovery point failed resource=%s error=%s", self.name, e)
 
     async def rp_create(self, labels: dict | None = None) -> dict:
