@@ -163,7 +163,7 @@ class Resource:
             self._exposed_since = time.time()     # the true age died with the last process
         self.rps = await asyncio.to_thread(
             RecoveryPoints.open, os.path.join(self.state_dir, self.name, "rp"), self.cfg.local.name,
-            [vs.vol for vs in self.vols])
+            [vs.vol for vs in self.vols], storage=self.cfg.rp_storage)
         self.rps.name_clone_exports([v.export for v in self.cfg.volumes])
         self.conn = CONNECTING
         if not self._dialer:
