@@ -16,8 +16,9 @@ bench bench-faults: engine-deps $(VENV_STAMP)
 
 .PHONY: help test test-lab test-engine engine-deps soak molecule demo demo-down clean
 
-# Real NBD clients and servers the engine tests and benchmarks use.
-ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio
+# Real NBD clients and servers the engine tests and benchmarks use; mkfs.xfs for the
+# reflink recovery point tests (an XFS with reflink=1 on a loop device).
+ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs
 
 help:
 	@echo "make test        lint, ansible-test sanity, then unit + lab + molecule tests (pytest)"

@@ -207,7 +207,7 @@ def test_to_dict_is_normalised_and_json_able(tmp_path):
         "tls_ca": "/etc/tandem/tls/ca.crt", "secret_file": "/etc/tandem/secrets/web01.key",
         "plaintext": False}
     assert list(d) == ["resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd",
-                       "security"]
+                       "security", "rp_storage"]
 
 
 GOOD = {
@@ -513,6 +513,8 @@ BAD = [
     pytest.param({"nbd": {"tcp": True}}, "nbd.tcp", "expected a string, got boolean true", id="tcp-bool"),
     # security
     pytest.param({"security": True}, "security", "expected a table, got boolean true", id="security-bool"),
+    pytest.param({"rp_storage": "lvm"}, "rp_storage", "must be 'delta', 'reflink' or 'auto', got 'lvm'",
+                 id="rp-storage-unknown"),
     pytest.param({"security": {"tls_crt": "/a"}}, "security.tls_crt", "(did you mean 'tls_cert'?)",
                  id="typo-security"),
     pytest.param({"security": {"ca": "/a"}}, "security.ca",
@@ -1026,3 +1028,12 @@ def test_runs_on_the_system_python(tmp_path):
     assert ok == "True"
     assert json.loads(dumped) == load_resource(path).to_dict()
 
+
+
+def test_rp_storage_defaults_to_delta_and_a_change_is_an_action(tmp_path):
+    r = load_resource(write(tmp_path, "web01.toml", BASE))
+    assert r.rp_storage == "delta" and r.to_dict()["rp_storage"] == "delta"
+    r2 = load_resource(write(tmp_path, "web01.toml", {**BASE, "rp_storage": "reflink"}))
+    assert r2.rp_storage == "reflink"
+    (action,) = config.diff({"web01": r}, {"web01": r2})
+    assert action.kind == "change-rp-storage" and action.detail == {"old": "delta", "new": "reflink"}

@@ -29,7 +29,8 @@ def volumes(tmp_path):
 
 
 def rps_open(tmp_path, volumes) -> RecoveryPoints:
-    return RecoveryPoints.open(str(tmp_path / "rp"), "a", volumes)
+    # The delta chain's layout, wherever tmp_path is (test_engine_rpreflink.py covers "auto").
+    return RecoveryPoints.open(str(tmp_path / "rp"), "a", volumes, storage="delta")
 
 
 def write(rps: RecoveryPoints, vol, offset: int, data: bytes) -> None:
@@ -127,4 +128,5 @@ def test_drop_all_works_with_exports_and_clones(tmp_path, volumes):
     assert rps.manifests == {} and rps.exports == {} and rps.clones == {}
     assert not [n for n in os.listdir(tmp_path / "rp") if n.endswith(".json")]
     rps.close()
-    assert json.loads(json.dumps(rps.summary())) == {"count": 0, "last": None, "exports": [], "clones": []}
+    assert json.loads(json.dumps(rps.summary())) == {"count": 0, "last": None, "exports": [], "clones": [],
+                                                     "storage": ["delta", "delta"]}

@@ -87,14 +87,19 @@ def _in_ranges(offset, ranges):
 
 class RPChain(RuleBasedStateMachine):
     """Random writes, creates, deletes, restores, reopens and crashes against a model:
-    the live file and every RP's image are known exactly at every step."""
+    the live file and every RP's image are known exactly at every step.
+
+    test_engine_rpreflink.py runs it on the reflink store too (store_class, root)."""
+
+    store_class = RPStore
+    root: str | None = None               # where the live file goes (None: the default tmp)
 
     def __init__(self):
         super().__init__()
-        self.tmp = tempfile.mkdtemp(prefix="rpstore-")
+        self.tmp = tempfile.mkdtemp(prefix="rpstore-", dir=self.root)
         self.fd = make_live(self.tmp)
         self.dir = os.path.join(self.tmp, "rps")
-        self.store = RPStore.open(self.dir, self.fd, SIZE, chunk=CHUNK)
+        self.store = self.store_class.open(self.dir, self.fd, SIZE, chunk=CHUNK)
         self.live = bytearray(b"\x11" * SIZE)
         self.images: dict[str, bytes] = {}         # creation order = dict order
         self.n = 0
@@ -106,7 +111,7 @@ class RPChain(RuleBasedStateMachine):
 
     def reopen(self):
         self.store.close()
-        self.store = RPStore.open(self.dir, self.fd, SIZE, chunk=CHUNK)
+        self.store = self.store_class.open(self.dir, self.fd, SIZE, chunk=CHUNK)
 
     @initialize()
     def first_rp(self):

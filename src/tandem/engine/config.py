@@ -368,6 +368,9 @@ class ResourceConfig:
     tunables: Tunables = field(default_factory=Tunables)
     nbd: NbdConfig = field(default_factory=NbdConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    #: How recovery points are stored: "delta" (copy-before-write, any volume),
+    #: "reflink" (FICLONE copies; file volumes on XFS/btrfs only) or "auto".
+    rp_storage: str = "delta"
     #: The file it was loaded from (not part of equality or to_dict()).
     source: str | None = field(default=None, compare=False, repr=False)
 
@@ -395,12 +398,15 @@ class ResourceConfig:
             "tunables": self.tunables.to_dict(),
             "nbd": self.nbd.to_dict(),
             "security": self.security.to_dict(),
+            "rp_storage": self.rp_storage,
         }
 
 
 # --------------------------------------------------------------------------- parsing
 
-_TOP_KEYS = ("resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd", "security")
+_TOP_KEYS = ("resource", "protocol", "local_node", "nodes", "volumes", "tunables", "nbd", "security",
+             "rp_storage")
+RP_STORAGES = ("delta", "reflink", "auto")
 _NODE_KEYS = ("name", "address")
 _VOLUME_KEYS = ("number", "path", "size", "export", "metadata")
 _NBD_KEYS = ("socket", "tcp")
@@ -612,6 +618,13 @@ def _parse(ck: _Checker, data: Any, file_stem: str | None) -> ResourceConfig | N
         else:
             ck.error("protocol", f"must be 'C' (synchronous) or 'A' (asynchronous), got {raw!r}")
 
+    rp_storage = "delta"
+    if top.get("rp_storage") is not None and (raw := ck.string("rp_storage", top["rp_storage"])) is not None:
+        if raw in RP_STORAGES:
+            rp_storage = raw
+        else:
+            ck.error("rp_storage", f"must be 'delta', 'reflink' or 'auto', got {raw!r}")
+
     local_node = None
     if top.get("local_node") is not None:
         local_node = ck.string("local_node", top["local_node"])
@@ -645,7 +658,7 @@ def _parse(ck: _Checker, data: Any, file_stem: str | None) -> ResourceConfig | N
     assert name and protocol and local_node and nodes and volumes
     if security.secret_file is None:
         security = dataclasses.replace(security, secret_file=default_secret_file(name))
-    return ResourceConfig(name, protocol, local_node, nodes, volumes, tunables, nbd, security)
+    return ResourceConfig(name, protocol, local_node, nodes, volumes, tunables, nbd, security, rp_storage)
 
 
 def _parse_security(ck: _Checker, value: Any) -> SecurityConfig:
@@ -933,6 +946,7 @@ ACTION_KINDS = (
     "change-security",
     "change-tunables",
     "change-nbd",
+    "change-rp-storage",
     "resize-volume",
     "add-volume",
     "add-resource",
@@ -1014,6 +1028,9 @@ def _diff_resource(old: ResourceConfig, new: ResourceConfig, actions: list[Actio
 
     if old.protocol != new.protocol:
         actions.append(Action("change-protocol", name, _change(old.protocol, new.protocol)))
+    if old.rp_storage != new.rp_storage:
+        # Read when the resource starts, and only for volumes without RPs yet.
+        actions.append(Action("change-rp-storage", name, _change(old.rp_storage, new.rp_storage)))
 
     old_s, new_s = old.security.to_dict(), new.security.to_dict()
     security = {k: _change(old_s[k], new_s[k]) for k in _SECURITY_KEYS if old_s[k] != new_s[k]}

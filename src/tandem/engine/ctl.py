@@ -73,6 +73,7 @@ def print_rp(op: str, reply: dict) -> None:
         for m in reply["recovery_points"]:
             print(f"{m['id']} reason:{m['reason']} consistent:{'yes' if m['consistent'] else 'no'} "
                   f"age:{m['age_seconds']}s role:{m['role']} used:{_human_size(m['bytes_used'])}"
+                  + (f" storage:{','.join(m['storage'])}" if m.get("storage") else "")
                   + (f" exported:{','.join(m['exported'])}" if m["exported"] else "")
                   + (f" clones:{','.join(m['clones'])}" if m["clones"] else ""))
         if not reply["recovery_points"]:

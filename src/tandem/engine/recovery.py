@@ -13,6 +13,14 @@ Layout, under <state_dir>/<resource>/rp/:
     vol<N>/<id>.delta   the volume's delta log (rpstore.py)
     clones/<name>/vol<N>/   writable clones for drills (rpstore.Clone)
 
+Storage per volume (chosen at open, see _open_store): a volume whose backing
+is a regular file on a filesystem that can FICLONE it (XFS with reflink=1,
+btrfs) keeps reflink images (rpreflink.py) in `<volume file>.rp/<id>.img`,
+next to the volume, since a reflink copy must be on the volume's own
+filesystem and the state directory usually is not. Every other volume
+(block device, ext4, ...) keeps the delta logs above. A volume that already
+has RPs of one kind keeps that kind until it has none.
+
 Creation order: every volume's log, then the manifest (atomic rename +
 directory fsync). Open deletes logs that have no manifest (a create or a
 delete that a crash interrupted), so the two never disagree for long.
@@ -32,7 +40,8 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from .durable import fsync_dir, unlink_durably
-from .rpstore import Clone, RPImage, RPStore, RPStoreError, check_rp_id
+from .rpreflink import ReflinkStore, holds_images, image_dir, probe
+from .rpstore import DELETING, SUFFIX, Clone, RPImage, RPStore, RPStoreError, check_rp_id
 
 log = logging.getLogger("tandem.engine.recovery")
 
@@ -74,9 +83,11 @@ class RecoveryPoints:
     # -- open / close ---------------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: str, node: str, volumes) -> RecoveryPoints:
+    def open(cls, directory: str, node: str, volumes, *, storage: str = "auto") -> RecoveryPoints:
+        """storage: "auto" (reflink where the volume's filesystem can, else delta),
+        "delta" or "reflink" (an error where it cannot) for volumes without RPs yet."""
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        stores = [RPStore.open(os.path.join(directory, f"vol{v.number}"), v.fd, v.size) for v in volumes]
+        stores = [_open_store(directory, v, storage) for v in volumes]
         manifests: dict[str, Manifest] = {}
         for name in os.listdir(directory):
             if name.endswith(".json.tmp"):
@@ -160,6 +171,7 @@ class RecoveryPoints:
         for m in self.manifests.values():
             out.append({**m.to_dict(), "age_seconds": round(now - m.created, 1),
                         "bytes_used": sum(s.bytes_used(m.id) for s in self.stores),
+                        "storage": self.storage(),
                         "exported": sorted(n for n, e in self.exports.items() if e.rp_id == m.id),
                         "clones": sorted(n for n, cs in self.clones.items() if cs[0].rp_id == m.id)})
         return out
@@ -317,6 +329,44 @@ class RecoveryPoints:
                 "last": None if last is None else {
                     "id": last.id, "reason": last.reason, "consistent": last.consistent,
                     "age_seconds": round(time.time() - last.created, 1)},
-                "exports": sorted(self.exports), "clones": sorted(self.clones)}
+                "exports": sorted(self.exports), "clones": sorted(self.clones),
+                "storage": self.storage()}
+
+    def storage(self) -> list[str]:
+        """Per volume: "reflink" (rpreflink.ReflinkStore) or "delta" (rpstore.RPStore)."""
+        return [s.kind if isinstance(s, ReflinkStore) else "delta" for s in self.stores]
 
 
+def _open_store(directory: str, v, storage: str = "auto") -> RPStore | ReflinkStore:
+    """Volume v's RP store. Existing RPs decide (never two kinds in one volume): delta
+    logs in <directory>/vol<N>/ keep the delta chain, images in <volume file>.rp/ keep
+    reflink. Without either: reflink if the backing is a regular file whose filesystem
+    clones it into <volume file>.rp/ (a probe), else the delta chain."""
+    if storage not in ("auto", "delta", "reflink"):
+        raise ValueError(f"storage must be auto, delta or reflink, got {storage!r}")
+    delta_dir = os.path.join(directory, f"vol{v.number}")
+    path = getattr(v, "path", None)
+    images = image_dir(os.fspath(path)) if path else None
+    try:
+        has_logs = any(n.endswith((SUFFIX, DELETING)) for n in os.listdir(delta_dir))
+    except FileNotFoundError:
+        has_logs = False
+    has_images = images is not None and holds_images(images)
+    if has_logs and has_images:
+        raise RecoveryPointError(f"volume {v.number} has delta logs in {delta_dir} and reflink images "
+                                 f"in {images}; remove the kind that has no manifest")
+    if has_images:
+        return ReflinkStore.open(images, v.fd, v.size)
+    if has_logs or storage == "delta":
+        why = "it has delta recovery points" if has_logs else "delta storage asked for"
+    elif images is None:
+        why = "the volume has no file path"
+    else:
+        why = probe(images, v.fd)
+        if why is None:
+            log.info("volume %s: reflink recovery points in %s", v.number, images)
+            return ReflinkStore.open(images, v.fd, v.size)
+    if storage == "reflink":
+        raise RecoveryPointError(f"volume {v.number}: no reflink recovery points: {why}")
+    log.info("volume %s: delta recovery points in %s (no reflink: %s)", v.number, delta_dir, why)
+    return RPStore.open(delta_dir, v.fd, v.size)

@@ -163,7 +163,7 @@ class Resource:
             self._exposed_since = time.time()     # the true age died with the last process
         self.rps = await asyncio.to_thread(
             RecoveryPoints.open, os.path.join(self.state_dir, self.name, "rp"), self.cfg.local.name,
-            [vs.vol for vs in self.vols])
+            [vs.vol for vs in self.vols], storage=self.cfg.rp_storage)
         self.rps.name_clone_exports([v.export for v in self.cfg.volumes])
         self.conn = CONNECTING
         if not self._dialer:
@@ -698,7 +698,7 @@ class Resource:
     async def _restore(self, m) -> dict:
         t0 = time.monotonic()
         # Mark first: a crash half way leaves the blocks out of sync, not silently old.
-        changed = self.rps.changed_since(m.id)
+        changed = await asyncio.to_thread(self.rps.changed_since, m.id)   # reflink: reads both files
         for vs, ranges in zip(self.vols, changed, strict=True):
             for offset, length in ranges:
                 vs.vol.bitmap.set_range(offset, length)
