@@ -61,6 +61,7 @@ from .rpstore import (
     CorruptLog,
     RPInUse,
     RPStoreError,
+    StoreBase,
     UnknownRP,
     _merge,
     _pread_padded,
@@ -274,7 +275,7 @@ def _length(ranges: list[tuple[int, int]]) -> int:
     return sum(hi - lo for lo, hi in ranges)
 
 
-class ReflinkStore:
+class ReflinkStore(StoreBase):
     """The recovery points of one volume as reflink copies of the live file.
 
     Thread-safe. `_admin` serialises create / delete / restore / close; `_lock`
@@ -623,31 +624,10 @@ class ReflinkStore:
                     self._release(img)
         return checked
 
-    # -- pins (exports and clones of an RP) ------------------------------------------------
-
-    def pin(self, rp_id: str) -> None:
-        """Keep the RP from being deleted until unpin() (RPImage and Clone do this)."""
-        with self._lock:
-            self._image(rp_id)
-            self._pins[rp_id] = self._pins.get(rp_id, 0) + 1
-
-    def unpin(self, rp_id: str) -> None:
-        with self._lock:
-            n = self._pins.get(rp_id, 0) - 1
-            if n > 0:
-                self._pins[rp_id] = n
-            else:
-                self._pins.pop(rp_id, None)
-
     # -- internals ---------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RPStoreError(f"{self.directory}: RP store is closed")
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range {offset}+{length} outside the volume ({self.size} bytes)")
+    def _find(self, rp_id: str):
+        return self._image(rp_id)
 
     def _image(self, rp_id: str) -> _Image:
         img = self._images.get(rp_id)

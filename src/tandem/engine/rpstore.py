@@ -166,7 +166,37 @@ class _Log:
         return f"_Log({self.rp_id!r}, seq={self.seq}, chunks={len(self.index)}, end={self.end})"
 
 
-class RPStore:
+class StoreBase:
+    """What both kinds of RP store share: pins, and the checks of their arguments.
+
+    A subclass has size, directory, _lock, _pins, _closed and _find(rp_id)
+    (which raises UnknownRP).
+    """
+
+    def pin(self, rp_id: str) -> None:
+        """Keep the RP from being deleted until unpin() (RPImage and Clone do this)."""
+        with self._lock:
+            self._find(rp_id)
+            self._pins[rp_id] = self._pins.get(rp_id, 0) + 1
+
+    def unpin(self, rp_id: str) -> None:
+        with self._lock:
+            n = self._pins.get(rp_id, 0) - 1
+            if n > 0:
+                self._pins[rp_id] = n
+            else:
+                self._pins.pop(rp_id, None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RPStoreError(f"{self.directory}: RP store is closed")
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError(f"range {offset}+{length} outside the volume ({self.size} bytes)")
+
+
+class RPStore(StoreBase):
     """The recovery points of one volume (a directory of delta logs).
 
     Thread-safe. Locks, always taken in this order:
@@ -499,31 +529,10 @@ class RPStore:
                     checked += 1
         return checked
 
-    # -- pins (exports and clones of an RP) ------------------------------------------------
-
-    def pin(self, rp_id: str) -> None:
-        """Keep the RP from being deleted until unpin() (RPImage and Clone do this)."""
-        with self._lock:
-            self._log(rp_id)
-            self._pins[rp_id] = self._pins.get(rp_id, 0) + 1
-
-    def unpin(self, rp_id: str) -> None:
-        with self._lock:
-            n = self._pins.get(rp_id, 0) - 1
-            if n > 0:
-                self._pins[rp_id] = n
-            else:
-                self._pins.pop(rp_id, None)
-
     # -- internals ---------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed:
-            raise RPStoreError(f"{self.directory}: RP store is closed")
-
-    def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError(f"range {offset}+{length} outside the volume ({self.size} bytes)")
+    def _find(self, rp_id: str):
+        return self._log(rp_id)
 
     def _log(self, rp_id: str) -> _Log:
         log = self._by_id.get(rp_id)
