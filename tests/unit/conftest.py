@@ -28,7 +28,7 @@ SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 
 def _run(*cmd: str, env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, **(env or {}), "PATH": SBIN_PATH}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, check=False)
 
 
 def _ensure_xfsprogs() -> str | None:
@@ -48,7 +48,7 @@ def _ensure_xfsprogs() -> str | None:
 
 
 def _unmount(mnt: str, image: str) -> None:
-    for _ in range(20):
+    for _attempt in range(20):
         if not os.path.ismount(mnt):
             break
         if _run("umount", mnt).returncode == 0:
