@@ -445,8 +445,11 @@ class Resource:
             if self._connected_at is not None and self.role == "Secondary" and self._consistent() \
                     and not self._stopping:
                 # The link is gone: this is the peer's last consistent point as far as we know.
-                with contextlib.suppress(OSError, RecoveryPointError):
+                try:
                     await self._take_rp(DEGRADED)
+                except (OSError, RecoveryPointError, RPStoreError) as e:
+                    log.error("recovery point on link loss failed resource=%s error=%s", self.name, e)
+                    self._event("rp-failed", reason=DEGRADED, error=str(e))
             # A connection that held for a minute resets the backoff; one that
             # failed early (refused, unhealthy, flapping) makes the next wait longer.
             held = self._connected_at is not None and time.monotonic() - self._connected_at >= 60
@@ -553,8 +556,12 @@ class Resource:
         """Hold new writes and wait until none is between its checks and its local write."""
         self._io_pauses += 1
         self._io_open.clear()
-        while self._writes_deciding:
-            await wait(self._writes_idle)
+        try:
+            while self._writes_deciding:
+                await wait(self._writes_idle)
+        except BaseException:
+            self._resume_io()       # cancelled (disconnect, stop): never leave writes held
+            raise
 
     def _resume_io(self) -> None:
         self._io_pauses -= 1
@@ -606,6 +613,15 @@ class Resource:
                       "dropping them so that writes go on", self.name, e)
             dropped = await asyncio.to_thread(self.rps.drop_all)
             self._event("rp-dropped", reason=str(e), ids=",".join(dropped))
+
+    async def _try_rp(self, reason: str) -> None:
+        """An automatic RP inside the handshake's paused phase. If it cannot be taken
+        (the RP disk is full), say so loudly and go on: replication comes first."""
+        try:
+            await self._take_rp(reason, quiesced=True)
+        except (OSError, RecoveryPointError, RPStoreError) as e:
+            log.error("automatic recovery point failed resource=%s reason=%s error=%s", self.name, reason, e)
+            self._event("rp-failed", reason=reason, error=str(e))
 
     def _release_apply_pauses(self) -> None:
         """The applier is gone: an RP waiting for its turn in the stream takes it now."""
@@ -855,7 +871,7 @@ class Resource:
                 received = await self._exchange_bitmaps(link, plans)
             if any(s in handshake.TARGETS for _, s, _ in plans) and self._consistent():
                 # The resync makes this node Inconsistent: keep its last consistent image.
-                await self._take_rp(PRE_RESYNC, quiesced=True)
+                await self._try_rp(PRE_RESYNC)
             for vs, strategy, pv in plans:
                 await self._begin(vs, strategy, pv, received.get(vs.vol.number))
         except TimeoutError:
@@ -863,7 +879,7 @@ class Resource:
                                f"({t.sync_timeout:g}s) while writes were paused") from None
         except _Refused as e:
             if e.split_brain:
-                await self._take_rp(SPLIT_BRAIN, quiesced=True)
+                await self._try_rp(SPLIT_BRAIN)
             raise
         finally:
             self._resume_io()
