@@ -184,7 +184,7 @@ class Daemon:
                 reply = await self._handle(req)
             except (RoleError, RecoveryPointError, RPStoreError, config_mod.ConfigError, KeyError,
                     ValueError) as e:
-                reply = {"ok": False, "error": str(e).strip("'\"")}
+                reply = {"ok": False, "error": e.args[0] if isinstance(e, KeyError) and e.args else str(e)}
             await _reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
