@@ -288,7 +288,7 @@ class ReflinkStore(StoreBase):
         self.directory, self.live_fd, self.size, self.chunk = directory, live_fd, size, chunk
         self._shift = chunk.bit_length() - 1
         self.nchunks = -(-size // chunk)
-        self._images = {img.rp_id: img for img in sorted(images, key=lambda img: img.seq)}
+        self._by_id = {img.rp_id: img for img in sorted(images, key=lambda img: img.seq)}
         self._next_seq = max((img.seq for img in images), default=0) + 1
         self._pins: dict[str, int] = {}
         self._usage: tuple[float, int, dict[str, int]] | None = None   # (when, generation, per RP)
@@ -377,12 +377,12 @@ class ReflinkStore(StoreBase):
             if self._closed:
                 return
             self._closed = True
-            for img in self._images.values():
+            for img in self._by_id.values():
                 img.doomed = True
                 if not img.users and img.fd >= 0:
                     os.close(img.fd)
                     img.fd = -1
-            self._images = {}
+            self._by_id = {}
             thread = self._usage_thread
         if thread is not None:
             thread.join()                 # it must not touch the live fd after we return
@@ -392,10 +392,7 @@ class ReflinkStore(StoreBase):
     def rp_ids(self) -> list[str]:
         """The RPs, oldest first."""
         with self._lock:
-            return list(self._images)
-
-    def __contains__(self, rp_id: str) -> bool:
-        return rp_id in self._images
+            return list(self._by_id)
 
     def bytes_used(self, rp_id: str) -> int:
         """Bytes of blocks that the live file no longer maps and no newer RP maps, but
@@ -410,7 +407,7 @@ class ReflinkStore(StoreBase):
         restored since. usage() measures now.
         """
         with self._lock:
-            self._image(rp_id)
+            self._find(rp_id)
             cached = self._usage
             if (cached is None or cached[1] != self._usage_gen
                     or time.monotonic() - cached[0] > USAGE_TTL):
@@ -466,7 +463,7 @@ class ReflinkStore(StoreBase):
         with self._lock:
             if self._closed:
                 raise _Closed
-            images = list(self._images.values())
+            images = list(self._by_id.values())
             for img in images:
                 img.users += 1
         try:
@@ -521,7 +518,7 @@ class ReflinkStore(StoreBase):
         check_rp_id(rp_id)
         with self._admin:
             self._check_open()
-            if rp_id in self._images:
+            if rp_id in self._by_id:
                 raise RPStoreError(f"recovery point {rp_id!r} already exists")
             path = os.path.join(self.directory, rp_id + SUFFIX)
             tmp = os.path.join(self.directory, rp_id + TMP)
@@ -541,7 +538,7 @@ class ReflinkStore(StoreBase):
                     os.unlink(tmp)
                 raise
             with self._lock:
-                self._images[rp_id] = _Image(path, fd, rp_id, self._next_seq)
+                self._by_id[rp_id] = _Image(path, fd, rp_id, self._next_seq)
                 self._usage_gen += 1
             self._next_seq += 1
 
@@ -550,11 +547,11 @@ class ReflinkStore(StoreBase):
         with self._admin:
             self._check_open()
             with self._lock:                  # checked and hidden at once: no new pin or read
-                img = self._image(rp_id)
+                img = self._find(rp_id)
                 if self._pins.get(rp_id):
                     raise RPInUse(f"recovery point {rp_id!r} is in use "
                                   f"({self._pins[rp_id]} exports/clones)")
-                del self._images[rp_id]
+                del self._by_id[rp_id]
                 self._usage_gen += 1
             try:
                 os.unlink(img.path)
@@ -562,8 +559,8 @@ class ReflinkStore(StoreBase):
                 pass
             except BaseException:
                 with self._lock:
-                    self._images[rp_id] = img
-                    self._images = dict(sorted(self._images.items(), key=lambda kv: kv[1].seq))
+                    self._by_id[rp_id] = img
+                    self._by_id = dict(sorted(self._by_id.items(), key=lambda kv: kv[1].seq))
                 raise
             with self._lock:
                 img.doomed = True
@@ -626,18 +623,9 @@ class ReflinkStore(StoreBase):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _find(self, rp_id: str):
-        return self._image(rp_id)
-
-    def _image(self, rp_id: str) -> _Image:
-        img = self._images.get(rp_id)
-        if img is None:
-            raise UnknownRP(f"no recovery point {rp_id!r} in {self.directory}")
-        return img
-
     def _acquire(self, rp_id: str) -> _Image:
         with self._lock:
-            img = self._image(rp_id)
+            img = self._find(rp_id)
             img.users += 1
             return img
 
@@ -647,9 +635,6 @@ class ReflinkStore(StoreBase):
             if img.doomed and not img.users and img.fd >= 0:
                 os.close(img.fd)
                 img.fd = -1
-
-    def _chunk_len(self, c: int) -> int:
-        return min(self.chunk, self.size - (c << self._shift))
 
     def _candidates(self, img: _Image, lo: int, hi: int) -> list[int]:
         """Chunks of [lo, hi) that may differ: those not wholly inside a range FIEMAP

@@ -169,9 +169,22 @@ class _Log:
 class StoreBase:
     """What both kinds of RP store share: pins, and the checks of their arguments.
 
-    A subclass has size, directory, _lock, _pins, _closed and _find(rp_id)
-    (which raises UnknownRP).
+    A subclass has size, chunk, _shift (log2 of chunk), directory, _lock, _pins,
+    _closed and _by_id (rp id -> its log or image).
     """
+
+    def __contains__(self, rp_id: str) -> bool:
+        return rp_id in self._by_id
+
+    def _find(self, rp_id: str):
+        """The RP's log or image; UnknownRP if there is none."""
+        found = self._by_id.get(rp_id)
+        if found is None:
+            raise UnknownRP(f"no recovery point {rp_id!r} in {self.directory}")
+        return found
+
+    def _chunk_len(self, c: int) -> int:
+        return min(self.chunk, self.size - (c << self._shift))
 
     def pin(self, rp_id: str) -> None:
         """Keep the RP from being deleted until unpin() (RPImage and Clone do this)."""
@@ -313,13 +326,10 @@ class RPStore(StoreBase):
         with self._lock:
             return [log.rp_id for log in self._chain if log.rp_id in self._by_id]
 
-    def __contains__(self, rp_id: str) -> bool:
-        return rp_id in self._by_id
-
     def bytes_used(self, rp_id: str) -> int:
         """Bytes of the RP's log file (header, batch heads and preserved data)."""
         with self._lock:
-            return self._log(rp_id).end
+            return self._find(rp_id).end
 
     def changed_since(self, rp_id: str) -> list[tuple[int, int]]:
         """(offset, length) ranges where the RP may differ from the live volume."""
@@ -427,7 +437,7 @@ class RPStore(StoreBase):
         with self._admin:
             self._check_open()
             with self._lock:                  # checked and hidden at once: no new pin or read
-                log = self._log(rp_id)
+                log = self._find(rp_id)
                 if self._pins.get(rp_id):
                     raise RPInUse(f"recovery point {rp_id!r} is in use "
                                   f"({self._pins[rp_id]} exports/clones)")
@@ -531,21 +541,9 @@ class RPStore(StoreBase):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _find(self, rp_id: str):
-        return self._log(rp_id)
-
-    def _log(self, rp_id: str) -> _Log:
-        log = self._by_id.get(rp_id)
-        if log is None:
-            raise UnknownRP(f"no recovery point {rp_id!r} in {self.directory}")
-        return log
-
     def _chain_from(self, rp_id: str) -> list[_Log]:
-        log = self._log(rp_id)
+        log = self._find(rp_id)
         return self._chain[self._chain.index(log):]
-
-    def _chunk_len(self, c: int) -> int:
-        return min(self.chunk, self.size - (c << self._shift))
 
     def _unref(self, logs: Iterable[_Log]) -> None:
         with self._lock:
