@@ -171,6 +171,13 @@ class Pair:
         self.a.start()
         self.b.start()
 
+    def start_in_sync(self, timeout: float = 120) -> None:
+        """Start both nodes, make "a" Primary (the initial full sync) and wait for in sync."""
+        self.start()
+        self.wait(self.connected, what="connection")
+        self.a.ctl("primary", self.resource, "--force")
+        self.wait(self.in_sync, timeout=timeout, what="initial sync")
+
     def _start_proxy(self) -> None:
         control = str(self.root / "proxy.sock")
         env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -20,10 +20,7 @@ def test_failback_moves_the_changed_blocks_and_the_old_primarys_hot_area(tmp_pat
     size = 256 << 20
     pair = Pair(tmp_path, size=size)
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=180, what="initial sync")
+        pair.start_in_sync(timeout=180)
         export = f"{pair.resource}/disk0"
         # The VM writes to a 16 MiB hot region on site A, then site A crashes.
         w = Writer(pair.a.nbd_socket(pair.resource), export, 16 << 20, random.Random(1))

@@ -36,10 +36,7 @@ def test_kill9_loses_no_acknowledged_write(tmp_path, iteration):
     victim = ("primary", "secondary", "both")[iteration % 3]
     pair = Pair(tmp_path, size=16 << 20)
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        pair.start_in_sync()
         export = f"{pair.resource}/disk0"
         writer = Writer(pair.a.nbd_socket(pair.resource), export, pair.size, rng)
         writer.start()

@@ -39,10 +39,7 @@ def logged(node, event: str) -> list[str]:
 def start_pair(tmp_path, **tunables) -> Pair:
     pair = Pair(tmp_path, size=16 << 20, proxy=True,
                 tunables={"sync_timeout": SYNC_TIMEOUT, "resume_after": RESUME_AFTER, **tunables})
-    pair.start()
-    pair.wait(pair.connected, what="connection")
-    pair.a.ctl("primary", pair.resource, "--force")
-    pair.wait(pair.in_sync, timeout=120, what="initial sync")
+    pair.start_in_sync()
     return pair
 
 

@@ -52,10 +52,7 @@ def prefix_length(image: bytes, history, lo: int, hi: int, size: int) -> int | N
 @pytest.fixture
 def pair(tmp_path):
     p = Pair(tmp_path, proxy=True, tunables={"sync_timeout": 0.5})
-    p.start()
-    p.wait(p.connected, what="connection")
-    p.a.ctl("primary", p.resource, "--force")
-    p.wait(p.in_sync, timeout=120, what="initial sync")
+    p.start_in_sync()
     yield p
     p.stop()
 
@@ -84,10 +81,7 @@ def test_interrupted_resync_fails_over_to_the_last_consistent_rp(tmp_path):
     pair = Pair(tmp_path, proxy=True, tunables={"sync_timeout": 0.5, "resync_rate_max": "512KiB",
                                                 "resync_rate_min": "256KiB"})
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        pair.start_in_sync()
         w = Writer(pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0", pair.size, random.Random(2))
         w.start()
         time.sleep(0.5)
@@ -191,10 +185,7 @@ def test_clone_export_restore_and_restart(pair):
 def test_scheduled_rps_on_the_secondary_follow_rp_interval_and_rp_keep(tmp_path):
     pair = Pair(tmp_path, tunables={"rp_interval": 1.0, "rp_keep": 2})
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        pair.start_in_sync()
 
         def scheduled(node) -> list[dict]:
             return [r for r in rp(node, pair, "list")["recovery_points"] if r["reason"] == "scheduled"]
@@ -217,10 +208,7 @@ def test_kill9_of_the_secondary_leaves_its_rp_exact(tmp_path, seed):
     rng = random.Random(seed)
     pair = Pair(tmp_path)
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        pair.start_in_sync()
         writer = Writer(pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0", pair.size,
                         random.Random(seed + 10), history=True)
         writer.start()

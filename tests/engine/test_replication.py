@@ -70,10 +70,7 @@ def _full_sync_under_writes(pair):
 
 
 def test_peer_loss_resyncs_only_the_dirty_blocks(pair):
-    pair.start()
-    pair.wait(pair.connected, what="connection")
-    pair.a.ctl("primary", pair.resource, "--force")
-    pair.wait(pair.in_sync, timeout=120, what="initial sync")
+    pair.start_in_sync()
     before = pair.a.status(pair.resource)["stats"]["resync_bytes"]
     pair.b.kill()
     sock, export = pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0"

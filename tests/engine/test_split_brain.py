@@ -37,10 +37,7 @@ def standalone(pair: Pair) -> bool:
 def test_split_brain_is_refused_until_the_operator_discards_one_side(tmp_path):
     pair = Pair(tmp_path, proxy=True, tunables={"sync_timeout": 0.5})
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        pair.start_in_sync()
         write_blocks(pair.a, pair, range(0, 4), b"0")          # replicated: on both
         # The link goes down and the DR site is promoted while a is still
         # Primary and writing: both sides move on from the same generation.

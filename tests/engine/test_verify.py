@@ -31,10 +31,7 @@ def synced_pair(tmp_path, **kw) -> Pair:
     """A started pair, a Primary, in sync, with random data on the volume."""
     pair = Pair(tmp_path, **kw)
     pair.data_file(pair.a).write_bytes(os.urandom(pair.size))
-    pair.start()
-    pair.wait(pair.connected, what="connection")
-    pair.a.ctl("primary", pair.resource, "--force")
-    pair.wait(pair.in_sync, timeout=120, what="initial sync")
+    pair.start_in_sync()
     return pair
 
 

@@ -41,10 +41,7 @@ def racer(sock: str, export: str, tag: int, fua: bool, start: threading.Barrier,
 def test_racing_overlapping_writes_leave_identical_nodes(tmp_path):
     pair = Pair(tmp_path)
     try:
-        pair.start()
-        pair.wait(pair.connected, what="connection")
-        pair.a.ctl("primary", pair.resource, "--force")
-        pair.wait(pair.in_sync, timeout=120, what="initial sync")
+        pair.start_in_sync()
         sock, export = pair.a.nbd_socket(pair.resource), f"{pair.resource}/disk0"
         errors: list = []
         start = threading.Barrier(2)
