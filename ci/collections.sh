@@ -15,7 +15,7 @@ py=${PIP_PYTHON:-python3}
 wheels="$root/.cache/wheels"
 dest="$root/.cache/collections"
 # community.general 13 needs community.library_inventory_filtering_v1.
-collections=(ansible/posix community/general community/library_inventory_filtering_v1 community/postgresql)
+collections=(ansible/posix community/crypto community/general community/library_inventory_filtering_v1 community/postgresql)
 
 mkdir -p "$dest/ansible_collections/tandem"
 # tandem.dr is this repo itself (relative link, so the tree can be moved).
