@@ -57,6 +57,15 @@ class Lab:
             ["lxc-attach", "-P", str(self.state / "lxc"), "-n", host, "--clear-env", "--", *argv],
             capture_output=True, text=True, timeout=timeout)
 
+    def put(self, host: str, path: str, content: str, mode: str = "0644") -> None:
+        """Write a file inside a lab host (lab hosts have no route to fetch anything)."""
+        proc = subprocess.run(
+            ["lxc-attach", "-P", str(self.state / "lxc"), "-n", host, "--clear-env", "--",
+             "sh", "-c", f'cat > "$0" && chmod {mode} "$0"', path],
+            input=content, capture_output=True, text=True, timeout=60)
+        if proc.returncode != 0:
+            raise AssertionError(f"writing {path} on {host} failed: {proc.stderr}")
+
     def pings(self, src: str, dst: str, count: int = 2) -> bool:
         """True if `src` gets an ICMP echo reply from address `dst`."""
         proc = self.attach(src, "ping", "-n", "-c", str(count), "-i", "0.2", "-W", "1", dst)

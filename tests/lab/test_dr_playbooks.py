@@ -1,0 +1,308 @@
+"""The VM playbooks on the lab, with real tandemd on hv-a1 (site A) and hv-b1 (site B).
+
+No VM yet (issue 8): a writer inside the production host writes through the resource's
+NBD export (the Unix socket QEMU would use), one FUA write at a time, and streams an
+acknowledgement journal out of the host line by line. The journal lives in this test
+process, so it survives a crash of the host. Every check compares what a site holds with
+that journal: each block must hold the last acknowledged write to it (or the one write
+that was in flight, never acknowledged), and nothing else.
+
+The tests run in file order and share the two resources:
+  vol01  protect -> planned failover -> failback -> crash hv-a1 -> unplanned failover -> failback
+  vol02  protect -> partition, writes at A -> interrupted resync -> crash hv-a1 -> unplanned failover
+         must roll back to the last consistent recovery point (exactly the pre-partition data).
+
+Each playbook's wall time, and that of a second, no-change run, goes to
+tests/output/playbook_timings.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+GUEST = Path(__file__).resolve().parent / "guest"
+NBDCLIENT = REPO / "tests" / "engine" / "nbdclient.py"
+TIMINGS = REPO / "tests" / "output" / "playbook_timings.json"
+PROD, DR = "hv-a1", "hv-b1"
+BLOCKS = 4096                    # 16 MiB volumes, 4 KiB blocks
+GROUP = {"tandem_protection_group": {"name": "labtest", "vms": [
+    {"name": "vol01", "production": PROD, "dr": DR, "port": 7801, "disks": [{"size": "16MiB"}]},
+    {"name": "vol02", "production": PROD, "dr": DR, "port": 7802, "disks": [{"size": "16MiB"}],
+     "tunables": {"rp_max_age": 0}},
+]}}
+# vol02's resync, slowed down so that a crash lands in the middle of it.
+SLOW_RESYNC = {"resync_rate_max": "128KiB", "resync_rate_min": "64KiB"}
+RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
+
+
+class Run:
+    def __init__(self, proc: subprocess.CompletedProcess, seconds: float):
+        self.proc, self.seconds, self.output = proc, seconds, proc.stdout + proc.stderr
+        self.recap = {m[1]: {"changed": int(m[3]), "unreachable": int(m[4]), "failed": int(m[5])}
+                      for m in RECAP.finditer(proc.stdout)}
+
+    @property
+    def changed(self) -> int:
+        return sum(h["changed"] for h in self.recap.values())
+
+
+class Journal:
+    """The acknowledgement stream of one writer run inside a lab host."""
+
+    def __init__(self, lab, host: str, vm: str, start_seq: int, count: int = 0, seed: int = 1):
+        self.acked: dict[int, int] = {}
+        self.inflight: tuple[int, int] | None = None
+        self.last_seq = start_seq - 1
+        self.proc = subprocess.Popen(
+            ["lxc-attach", "-P", str(lab.state / "lxc"), "-n", host, "--clear-env", "--",
+             "python3", "/root/nbd_journal.py", "write", f"/run/tandem/{vm}.nbd", f"{vm}/disk0",
+             "--blocks", str(BLOCKS), "--start-seq", str(start_seq), "--count", str(count),
+             "--seed", str(seed)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            kind, block, seq = line.split()
+            block, seq = int(block), int(seq)
+            if kind == "S":
+                self.inflight = (block, seq)
+            else:
+                self.acked[block] = seq
+                self.inflight = None
+                self.last_seq = seq
+
+    def wait_acks(self, n: int, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while self.last_seq < n and time.monotonic() < deadline:
+            assert self.proc.poll() is None or self.reader.is_alive(), self.proc.stderr.read()
+            time.sleep(0.05)
+        assert self.last_seq >= n, f"writer stalled at seq {self.last_seq}"
+
+    def finish(self, timeout: float = 300) -> None:
+        """Wait for a writer with a count to end (or for the stream of a crashed host to end)."""
+        self.proc.wait(timeout)
+        self.reader.join(30)
+
+
+def merged(*journals: Journal) -> tuple[dict[int, int], set[tuple[int, int]]]:
+    """The expected content after several journals in order, and the writes that may or may
+    not have landed (in flight when a host died)."""
+    expect, maybe = {}, set()
+    for j in journals:
+        expect.update(j.acked)
+        if j.inflight:
+            maybe.add(j.inflight)
+    return expect, maybe
+
+
+def check_data(lab, host: str, vm: str, expect: dict[int, int], maybe: set[tuple[int, int]] = frozenset()):
+    proc = lab.attach(host, "python3", "/root/nbd_journal.py", "dump", f"/run/tandem/{vm}.nbd",
+                      f"{vm}/disk0", "--blocks", str(BLOCKS), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    dump = json.loads(proc.stdout)
+    held = {int(b): s for b, s in dump["blocks"].items()}
+    assert dump["foreign"] == 0, f"{vm} on {host}: {dump['foreign']} blocks hold data nobody wrote"
+    wrong = [(b, s, held.get(b)) for b, s in expect.items()
+             if held.get(b) != s and (b, held.get(b)) not in maybe]
+    extra = [(b, s) for b, s in held.items() if b not in expect and (b, s) not in maybe]
+    assert not wrong, (f"{vm} on {host}: {len(wrong)} of {len(expect)} acknowledged blocks are wrong "
+                       f"(block, acknowledged seq, held seq), first: {wrong[:5]}")
+    assert not extra, f"{vm} on {host}: blocks hold writes that were never sent: {extra[:5]}"
+
+
+def ctl_status(lab, host: str, vm: str) -> dict:
+    proc = lab.attach(host, "tandemctl", "status", vm, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(proc.stdout)
+    return data[0] if isinstance(data, list) else data
+
+
+class DR:
+    def __init__(self, lab, tmp: Path):
+        self.lab, self.tmp = lab, tmp
+        self.group = tmp / "protection_group.yml"
+        self.write_group()
+        self.timings: dict[str, float] = {}
+        self.vol01: dict[int, int] = {}      # vol01's expected content between tests
+
+    def write_group(self, vol02_tunables: dict | None = None) -> None:
+        group = json.loads(json.dumps(GROUP))
+        if vol02_tunables:
+            group["tandem_protection_group"]["vms"][1]["tunables"].update(vol02_tunables)
+        self.group.write_text(yaml.safe_dump(group))
+
+    def playbook(self, name: str, *extra: str, check: bool = False, record: str | None = None,
+                 expect_ok: bool = True, timeout: float = 900) -> Run:
+        cmd = [str(Path(os.sys.executable).parent / "ansible-playbook"), "-i", str(self.lab.inventory),
+               f"playbooks/{name}.yml", "-e", f"tandem_protection_group_file={self.group}", *extra]
+        if check:
+            cmd += ["--check", "--diff"]
+        env = {**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"}
+        t0 = time.monotonic()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+        run = Run(proc, time.monotonic() - t0)
+        if record:
+            self.timings[record] = round(run.seconds, 1)
+            TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+            TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
+        if expect_ok:
+            assert proc.returncode == 0, (f"{' '.join(cmd[2:])} failed (rc {proc.returncode}):\n"
+                                          f"{run.output[-6000:]}")
+        return run
+
+    def no_change(self, name: str, *extra: str, record: str | None = None) -> Run:
+        run = self.playbook(name, *extra, record=record)
+        assert run.changed == 0, f"second {name} run changed something: {run.recap}\n{run.output[-4000:]}"
+        return run
+
+
+def _clean_host(lab, host: str) -> None:
+    """Forget vol01/vol02 on a host, so that the module starts from a blank lab."""
+    script = ("systemctl stop tandemd; "
+              "rm -f /etc/tandem/resources.d/vol0[12].toml /etc/tandem/secrets/vol0[12].key; "
+              "rm -rf /var/lib/tandem/vol01 /var/lib/tandem/vol02 /srv/tandem/vol01 /srv/tandem/vol02; "
+              "systemctl start tandemd")
+    proc = lab.attach(host, "sh", "-c", script, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def dr(lab, tmp_path_factory):
+    lab.labctl("heal")
+    for fault in lab.status()["faults"]:
+        if fault["fault"] == "crashed":
+            lab.labctl("start", fault["host"])
+    d = DR(lab, tmp_path_factory.mktemp("dr"))
+    run = d.playbook("engine", record="engine (converge)")
+    d.playbook("engine", record="engine (second run)")
+    assert run.proc.returncode == 0
+    for host in (PROD, DR):
+        _clean_host(lab, host)
+        lab.put(host, "/root/nbdclient.py", NBDCLIENT.read_text())
+        lab.put(host, "/root/nbd_journal.py", (GUEST / "nbd_journal.py").read_text())
+    yield d
+    lab.labctl("heal")
+    for fault in lab.status()["faults"]:
+        if fault["fault"] == "crashed":
+            lab.labctl("start", fault["host"])
+
+
+def test_protect_in_check_mode_creates_nothing(dr):
+    run = dr.playbook("protect", check=True, record="protect --check (before protect)")
+    assert run.changed > 0, "check mode must report the resources it would create"
+    for host in (PROD, DR):
+        assert dr.lab.attach(host, "test", "-e", "/etc/tandem/resources.d/vol01.toml").returncode == 1
+
+
+def test_protect_then_nothing_to_do(dr):
+    dr.playbook("protect", record="protect")
+    for vm in ("vol01", "vol02"):
+        prod, rep = ctl_status(dr.lab, PROD, vm), ctl_status(dr.lab, DR, vm)
+        assert (prod["role"], rep["role"]) == ("Primary", "Secondary")
+        assert all(v["replication"] == "Established" and v["out_of_sync_bytes"] == 0
+                   for v in prod["volumes"])
+    dr.no_change("protect", record="protect (second run)")
+    run = dr.playbook("protect", check=True, record="protect --check (protected)")
+    assert run.changed == 0, run.output[-4000:]
+
+
+def test_planned_failover_and_failback_lose_nothing(dr):
+    lab = dr.lab
+    before = Journal(lab, PROD, "vol01", start_seq=1, count=400)
+    before.finish()
+    assert before.last_seq == 400, before.proc.stderr.read()
+    dr.playbook("failover", "-e", "mode=planned", "-e", "vms=vol01", record="failover planned")
+    assert ctl_status(lab, DR, "vol01")["role"] == "Primary"
+    assert ctl_status(lab, PROD, "vol01")["role"] == "Secondary"
+    check_data(lab, DR, "vol01", *merged(before))
+    dr.no_change("failover", "-e", "mode=planned", "-e", "vms=vol01", record="failover planned (second run)")
+
+    at_dr = Journal(lab, DR, "vol01", start_seq=1001, count=400, seed=2)
+    at_dr.finish()
+    assert at_dr.last_seq == 1400, at_dr.proc.stderr.read()
+    run = dr.playbook("failback", "-e", "vms=vol01", record="failback (after planned failover)")
+    assert "reverse resync moved" in run.output
+    assert ctl_status(lab, PROD, "vol01")["role"] == "Primary"
+    dr.vol01 = merged(before, at_dr)[0]
+    check_data(lab, PROD, "vol01", dr.vol01)
+    dr.no_change("failback", "-e", "vms=vol01", record="failback (second run)")
+
+
+def test_unplanned_failover_after_crash_keeps_every_acknowledged_write(dr):
+    lab = dr.lab
+    writer = Journal(lab, PROD, "vol01", start_seq=2001, seed=3)
+    writer.wait_acks(2300)
+    lab.labctl("crash", PROD)
+    writer.finish(60)
+    assert writer.last_seq >= 2300
+    # The lost site is not contacted: the run must succeed with hv-a1 down.
+    dr.playbook("failover", "-e", "mode=unplanned", "-e", "vms=vol01", record="failover unplanned")
+    assert ctl_status(lab, DR, "vol01")["role"] == "Primary"
+    # Everything acknowledged before the crash, in this test and the earlier ones, is at DR.
+    history, maybe = merged(writer)
+    history = {**dr.vol01, **history}
+    check_data(lab, DR, "vol01", history, maybe)
+    dr.no_change("failover", "-e", "mode=unplanned", "-e", "vms=vol01",
+                 record="failover unplanned (second run)")
+
+    landed = maybe_landed(lab, DR, "vol01", maybe)
+    at_dr = Journal(lab, DR, "vol01", start_seq=3001, count=300, seed=4)
+    at_dr.finish()
+    lab.labctl("start", PROD)
+    run = dr.playbook("failback", "-e", "vms=vol01", record="failback (after unplanned failover)")
+    assert "reverse resync moved" in run.output
+    # The production site ends with exactly what the DR site held: the crash's in-flight write
+    # only if it had reached DR, whatever hv-a1 had written locally before it died.
+    check_data(lab, PROD, "vol01", {**history, **landed, **at_dr.acked})
+
+
+def maybe_landed(lab, host: str, vm: str, maybe) -> dict[int, int]:
+    """Which of the in-flight writes the site actually holds."""
+    if not maybe:
+        return {}
+    proc = lab.attach(host, "python3", "/root/nbd_journal.py", "dump", f"/run/tandem/{vm}.nbd",
+                      f"{vm}/disk0", "--blocks", str(BLOCKS), timeout=120)
+    held = {int(b): s for b, s in json.loads(proc.stdout)["blocks"].items()}
+    return {b: s for b, s in maybe if held.get(b) == s}
+
+
+def test_failover_during_interrupted_resync_uses_the_last_consistent_rp(dr):
+    lab = dr.lab
+    before = Journal(lab, PROD, "vol02", start_seq=1, count=300, seed=5)
+    before.finish()
+    assert before.last_seq == 300
+    # Slow the resync down (an online tunable change through protect.yml), then cut the link.
+    dr.write_group(SLOW_RESYNC)
+    dr.playbook("protect", "-e", "vms=vol02", record="protect (tunable change)")
+    lab.labctl("partition", "a", "b")
+    assert lab.wait_for(lambda: ctl_status(lab, PROD, "vol02")["connection"] != "Connected", timeout=30)
+    during = Journal(lab, PROD, "vol02", start_seq=1001, count=1500, seed=6)
+    during.finish()
+    assert during.last_seq == 2500, during.proc.stderr.read()
+    lab.labctl("heal")
+
+    def resyncing():
+        vols = ctl_status(lab, DR, "vol02")["volumes"]
+        return any(v["replication"] == "SyncTarget" and v.get("sync_percent", 0) > 0 for v in vols)
+    assert lab.wait_for(resyncing, timeout=60), ctl_status(lab, DR, "vol02")
+    assert ctl_status(lab, DR, "vol02")["volumes"][0]["disk"] == "Inconsistent"
+    lab.labctl("crash", PROD)
+
+    dr.playbook("failover", "-e", "mode=unplanned", "-e", "vms=vol02",
+                record="failover unplanned (Inconsistent)")
+    st = ctl_status(lab, DR, "vol02")
+    assert st["role"] == "Primary" and st["volumes"][0]["disk"] == "UpToDate", st
+    # Exactly the data from before the partition: none of the half-resynced writes.
+    check_data(lab, DR, "vol02", *merged(before))
