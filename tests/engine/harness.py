@@ -120,8 +120,10 @@ class Pair:
     """
 
     def __init__(self, root: Path, resource: str = "vm1", size: int = 16 * MiB, volumes: int = 1,
-                 protocol: str = "C", tunables: dict | None = None, proxy: bool = False):
+                 protocol: str = "C", tunables: dict | None = None, proxy: bool = False,
+                 rp_storage: str | None = None):
         self.resource, self.size, self.volumes, self.protocol = resource, size, volumes, protocol
+        self.rp_storage = rp_storage
         self.root = root
         self.a, self.b = Node(root, "a"), Node(root, "b")
         port_a, port_b, port_proxy = free_ports(3)
@@ -147,6 +149,8 @@ class Pair:
     def write_config(self, node: Node) -> None:
         lines = [f'resource = "{self.resource}"', f'protocol = "{self.protocol}"',
                  f'local_node = "{node.name}"']
+        if self.rp_storage:
+            lines.append(f'rp_storage = "{self.rp_storage}"')
         for n in ("a", "b"):
             port = self.proxy_port if (self.proxy_port and node is self.a and n == "b") else self.ports[n]
             lines += ["[[nodes]]", f'name = "{n}"', f'address = "127.0.0.1:{port}"']

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -135,6 +136,7 @@ class Resource:
         self._writes_deciding = 0
         self._writes_idle: list[asyncio.Future] = []
         self._accepted: asyncio.Queue = asyncio.Queue(maxsize=4)
+        self._rp_drop_lock = asyncio.Lock()
         self.stats = {"writes": 0, "reads": 0, "flushes": 0, "resync_bytes": 0,
                       "connects": 0, "protocol_errors": 0, "auth_errors": 0}
         from .verify import Verifier  # here: verify.py imports this module
@@ -342,7 +344,12 @@ class Resource:
                     if self.rps.manifests and self.rps.needs_preserve(number, offset, length):
                         await self._preserve([(number, offset, length)])
                     self._dirty_since_rp = True
-                    await vs.vol.pwrite(offset, data, durable=fua)
+                    try:
+                        await vs.vol.pwrite(offset, data, durable=fua)
+                    except OSError as e:
+                        if not await self._free_rp_space(e):
+                            raise
+                        await vs.vol.pwrite(offset, data, durable=fua)
                 finally:
                     lock.release(hold)
             finally:
@@ -611,8 +618,25 @@ class Resource:
         except (OSError, RPStoreError) as e:
             log.error("cannot preserve data for the recovery points resource=%s error=%s; "
                       "dropping them so that writes go on", self.name, e)
-            dropped = await asyncio.to_thread(self.rps.drop_all)
+            async with self._rp_drop_lock:
+                dropped = await asyncio.to_thread(self.rps.drop_all)
             self._event("rp-dropped", reason=str(e), ids=",".join(dropped))
+
+    async def _free_rp_space(self, e: OSError) -> bool:
+        """A local write failed. Reflink RPs share the volume file's blocks, so on a full
+        filesystem overwriting a shared block fails with ENOSPC: drop the RPs, loudly (as
+        when the delta store cannot preserve), so that the caller retries the write once.
+        False: not that case, the caller re-raises."""
+        if e.errno != errno.ENOSPC or "reflink" not in self.rps.storage():
+            return False
+        async with self._rp_drop_lock:          # concurrent writes: one drop, all retry
+            if not self.rps.manifests:
+                return True
+            log.error("volume filesystem full resource=%s error=%s; dropping the reflink recovery "
+                      "points so that writes go on", self.name, e)
+            dropped = await asyncio.to_thread(self.rps.drop_all)
+        self._event("rp-dropped", reason=f"volume filesystem full: {e}", ids=",".join(dropped))
+        return True
 
     async def _try_rp(self, reason: str) -> None:
         """An automatic RP inside the handshake's paused phase. If it cannot be taken
@@ -1170,10 +1194,15 @@ class Resource:
                     await self._preserve(todo)
             writes = [(vols[m.volume].vol.fd, m.offset, m.data) for m in msgs]
             sync = {vols[m.volume].vol.fd for m in msgs if m.type == T.DATA and m.flags & wire.FLAG_FUA}
-            if not sync and INLINE.allowed(sum(m.length for m in msgs)):
-                INLINE.run(writes)
-            else:
-                await run_io(write_batch, writes, sorted(sync))
+            try:
+                if not sync and INLINE.allowed(sum(m.length for m in msgs)):
+                    INLINE.run(writes)
+                else:
+                    await run_io(write_batch, writes, sorted(sync))
+            except OSError as e:
+                if not await self._free_rp_space(e):
+                    raise
+                await run_io(write_batch, writes, sorted(sync))     # writes are idempotent
         finally:
             for m in held:
                 vols[m.volume].vol.al.release(m.offset, m.length)
