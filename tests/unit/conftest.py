@@ -1,4 +1,4 @@
-"""Unit tests import the lab tooling (lab/tandem_lab) straight from the tree.
+"""Unit tests import the lab tooling (lab/tandem_lab) and the engine (src/tandem) straight from the tree.
 
 Also: `reflink_fs`, a real reflink filesystem (XFS on a loop device) for the
 reflink recovery point tests."""
@@ -16,6 +16,11 @@ import pytest
 LAB = Path(__file__).resolve().parents[2] / "lab"
 if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
+# The engine of this checkout, also when the venv's editable install points at another
+# checkout (git worktrees sharing one venv).
+SRC = Path(__file__).resolve().parents[2] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
 
 
 # -- a real reflink filesystem (XFS, reflink=1) on a loop device ------------------------------
