@@ -325,8 +325,11 @@ def validate(module, ctl, config_dir, name, text):
         try:
             ctl.read("validate", tmp)
         except TandemctlError as e:
+            # The loader names the files it read: name the real directory, not the copy.
             e.message = str(e).replace(tmp, config_dir)
             e.args = (e.message,)
+            e.stdout = e.stdout and e.stdout.replace(tmp, config_dir)
+            e.stderr = e.stderr and e.stderr.replace(tmp, config_dir)
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -346,6 +349,11 @@ def write_atomic(module, path, data, mode):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)        # the rename survives a crash
+    finally:
+        os.close(dir_fd)
 
 
 def status_of(ctl, name):
