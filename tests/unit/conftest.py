@@ -1,4 +1,4 @@
-"""Unit tests import the lab tooling (lab/tandem_lab) straight from the tree.
+"""Unit tests import the lab tooling (lab/tandem_lab) and the engine (src/tandem) straight from the tree.
 
 (`reflink_fs` and `reflink_dir` are in tests/conftest.py, shared with the engine tests.)"""
 
@@ -8,5 +8,10 @@ from pathlib import Path
 LAB = Path(__file__).resolve().parents[2] / "lab"
 if str(LAB) not in sys.path:
     sys.path.insert(0, str(LAB))
+# The engine of this checkout, also when the venv's editable install points at another
+# checkout (git worktrees sharing one venv).
+SRC = Path(__file__).resolve().parents[2] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
 
 

@@ -160,9 +160,15 @@ def main(argv=None) -> int:
     ad.add_argument("resource", nargs="?")
     ad.add_argument("--dry-run", action="store_true", help="print the planned actions only")
     sub.add_parser("events", help="stream state changes as JSON lines")
+    va = sub.add_parser("validate", help="check a resource directory with the loader (no daemon needed)")
+    va.add_argument("--config-dir", default=os.environ.get("TANDEM_CONFIG_DIR", "/etc/tandem/resources.d"),
+                    help="the resource directory to load (default: %(default)s)")
+    va.add_argument("--json", action="store_true")
     for sp in (pr, se, rv, dc, cn, vf, ad):
         sp.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.cmd == "validate":
+        return _validate(args.config_dir, args.json)
 
     req = {"cmd": args.cmd}
     if getattr(args, "resource", None):
@@ -215,6 +221,30 @@ def main(argv=None) -> int:
             print("nothing to do")
     else:
         print_status([reply["resource"]])
+    return 0
+
+
+def _validate(config_dir: str, as_json: bool) -> int:
+    """Load config_dir like tandemd and adjust do, without contacting the daemon.
+
+    0: valid ({"ok": true, "resources": [names]}); 1: the loader's errors, verbatim.
+    """
+    from . import config  # only here: the other commands need nothing but the socket
+
+    try:
+        resources = config.load_directory(config_dir)
+    except config.ConfigError as e:
+        if as_json:
+            print(json.dumps({"ok": False, "errors": str(e),
+                              "problems": [{"source": p.source, "key": p.key, "message": p.message}
+                                           for p in e.problems]}, indent=2))
+        print(f"tandemctl validate: {e}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"ok": True, "resources": sorted(resources)}, indent=2))
+    else:
+        print(f"{config_dir}: {len(resources)} resource(s) valid" + (": " + ", ".join(sorted(resources))
+                                                                    if resources else ""))
     return 0
 
 
