@@ -13,5 +13,3 @@ if str(LAB) not in sys.path:
 SRC = Path(__file__).resolve().parents[2] / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
-
-

@@ -68,7 +68,7 @@ BAD = [
 
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
 def test_bad_input_is_rejected_with_the_vm_named(case):
-    _, bad, message = case
+    bad, message = case[1], case[2]
     with pytest.raises(AnsibleFilterError) as e:
         plan(bad)
     assert message in str(e.value)
