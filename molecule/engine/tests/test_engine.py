@@ -133,7 +133,8 @@ def test_dropin_opens_the_port_range_to_the_peer_only(host):
     name = _name(host)
     dropin = host.file(DROPIN).content_string
     rules = [line for line in dropin.splitlines() if line and not line.startswith("#")]
-    assert rules == [f'ip saddr {REPL[PEER[name]]} tcp dport {PORTS} accept comment "tandemd replication"'], rules
+    peer = REPL[PEER[name]]
+    assert rules == [f'ip saddr {peer} tcp dport {PORTS} accept comment "tandemd replication"'], rules
     table = host.check_output("nft list table inet tandem_filter")
     assert re.search(rf"ip saddr {re.escape(REPL[PEER[name]])} tcp dport {PORTS} accept", table), table
     # Nothing else accepts the replication ports.
@@ -173,7 +174,7 @@ def listener(lab_host):
 
 
 def test_replication_port_open_from_the_peer_replication_address(listener, lab_host):
-    _, port = listener
+    port = listener[1]
     # hv-a1 reaches 10.202.120.0/24 through its replication NIC (source 10.202.110.11).
     assert _connects(lab_host("hv-a1"), REPL["hv-b1"], port)
 
