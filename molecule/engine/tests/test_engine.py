@@ -12,6 +12,7 @@ import json
 import re
 import shlex
 import time
+from pathlib import Path
 
 import pytest
 import testinfra
@@ -248,3 +249,34 @@ def test_resource_connects_over_mutual_tls(e2e_resource):
             pytest.fail(f"not connected after 60 s: {states}\n{logs}")
         time.sleep(1)
     assert _e2e_status(e2e_resource["hv-a1"])["peer"] == "hv-b1"
+
+
+# --- the resource of converge.yml (tandem_engine_resources), once the module exists -------
+
+ROLE_RESOURCE = "molecule-role"
+HAS_RESOURCE_MODULE = (Path(__file__).resolve().parents[3] / "plugins" / "modules"
+                       / "tandem_resource.py").is_file()
+needs_resource_module = pytest.mark.skipif(
+    not HAS_RESOURCE_MODULE, reason="tandem.dr.tandem_resource is not in the collection yet")
+
+
+@needs_resource_module
+def test_role_resource_file_and_secret(host):
+    name = _name(host)
+    toml = host.file(f"/etc/tandem/resources.d/{ROLE_RESOURCE}.toml")
+    assert toml.is_file
+    assert re.search(rf'^local_node = "{re.escape(name)}"$', toml.content_string, re.M), toml.content_string
+    secret = host.file(f"/etc/tandem/secrets/{ROLE_RESOURCE}.key")
+    assert secret.is_file and secret.mode == 0o600
+
+
+@needs_resource_module
+def test_role_resource_connects(host):
+    deadline = time.monotonic() + 60
+    while True:
+        reply = json.loads(host.check_output("tandemctl status --json"))
+        res = next((r for r in reply["resources"] if r.get("name") == ROLE_RESOURCE), {})
+        if res.get("connection") == "Connected":
+            break
+        assert time.monotonic() < deadline, f"{ROLE_RESOURCE} not connected after 60 s: {res}"
+        time.sleep(1)
