@@ -48,6 +48,8 @@ def test_tandemd_is_enabled_and_running(host):
     assert unit.is_enabled
     assert unit.is_running, host.run(f"journalctl -u {UNIT} -n 30 --no-pager").stdout
     assert host.check_output(f"systemctl show {UNIT} -p NRestarts --value") == "0"
+    # No upgrade left waiting for a restart (tandem_engine_restart_on_upgrade).
+    assert not host.file("/opt/tandem/restart-pending").exists
 
 
 def test_unit_runs_the_venv_with_the_default_directories(host):
