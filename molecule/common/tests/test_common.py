@@ -61,6 +61,8 @@ def test_rules_file_and_unit_file(host):
     rules = host.file("/etc/tandem/firewall.nft")
     assert rules.is_file and rules.user == "root" and rules.mode == 0o644
     assert host.file("/etc/tandem").mode == 0o755
+    assert host.file("/etc/tandem/firewall.d").is_directory
+    assert 'include "/etc/tandem/firewall.d/*.nft"' in rules.content_string
     assert host.run("nft -c -f /etc/tandem/firewall.nft").rc == 0
     unit = host.file("/etc/systemd/system/tandem-firewall.service").content_string
     assert "Type=oneshot" in unit and "RemainAfterExit=yes" in unit
