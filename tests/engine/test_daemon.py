@@ -38,6 +38,31 @@ def test_bad_config_names_file_and_key_and_leaves_resources_running(pair):
     assert pair.a.ctl("adjust")["changed"] is False
 
 
+def test_a_resource_that_cannot_start_is_a_clear_error_and_stops_nothing_else(pair):
+    """A backing file in a directory that does not exist: at daemon start the other
+    resources still start; `adjust` answers with the cause (no dropped connection),
+    and starts the resource once the directory is there."""
+    text = (pair.a.config_dir / f"{pair.resource}.toml").read_text()
+    missing = pair.a.root / "nowhere"
+    text = text.replace(f'resource = "{pair.resource}"', 'resource = "vm2"')
+    text = text.replace(f"{pair.resource}/disk", "vm2/disk")
+    text = text.replace(str(pair.a.root / "data" / "disk0.img"), str(missing / "disk0.img"))
+    ports = iter(free_ports(2))
+    text = re.sub(r'address = "127\.0\.0\.1:\d+"', lambda m: f'address = "127.0.0.1:{next(ports)}"', text)
+    (pair.a.config_dir / "vm2.toml").write_text(text)
+    pair.start()
+    pair.wait(pair.connected, what="connection")         # the good resource runs
+    assert [r["name"] for r in pair.a.ctl("status")["resources"]] == [pair.resource]
+    reply = pair.a.ctl("adjust", "vm2", check=False)
+    assert not reply["ok"]
+    assert "resource 'vm2' did not start" in reply["error"] and str(missing) in reply["error"]
+    assert "No such file or directory" in reply["error"]
+    missing.mkdir()
+    assert pair.a.ctl("adjust", "vm2")["changed"]
+    assert sorted(r["name"] for r in pair.a.ctl("status")["resources"]) == [pair.resource, "vm2"]
+    assert pair.a.status(pair.resource)["connection"] == "Connected"
+
+
 def test_adjust_is_idempotent_and_dry_run_changes_nothing(pair, tmp_path):
     pair.start()
     extra = pair.a.config_dir / "vm2.toml"

@@ -129,7 +129,7 @@ def ctl_status(lab, host: str, vm: str) -> dict:
     return data[0] if isinstance(data, list) else data
 
 
-class DR:
+class DRRuns:
     def __init__(self, lab, tmp: Path):
         self.lab, self.tmp = lab, tmp
         self.group = tmp / "protection_group.yml"
@@ -184,7 +184,7 @@ def dr(lab, tmp_path_factory):
     for fault in lab.status()["faults"]:
         if fault["fault"] == "crashed":
             lab.labctl("start", fault["host"])
-    d = DR(lab, tmp_path_factory.mktemp("dr"))
+    d = DRRuns(lab, tmp_path_factory.mktemp("dr"))
     run = d.playbook("engine", record="engine (converge)")
     d.playbook("engine", record="engine (second run)")
     assert run.proc.returncode == 0

@@ -29,7 +29,7 @@ from . import config as config_mod
 from . import security
 from .nbd import NBDServer
 from .recovery import RecoveryPointError
-from .resource import Resource, RoleError
+from .resource import Resource, RoleError, StartError
 from .rpstore import RPStoreError
 from .verify import VerifyError
 
@@ -108,9 +108,9 @@ class Daemon:
         for cfg in desired.values():
             try:
                 await self._add(cfg)
-            except security.SecurityError as e:
-                # A missing or bad certificate, key or secret stops this resource
-                # only; once the files are fixed, `tandemctl adjust` starts it.
+            except (security.SecurityError, StartError) as e:
+                # A missing or bad certificate, key, secret or backing file stops this
+                # resource only; once it is fixed, `tandemctl adjust` starts it.
                 log.error("resource %s not started:\n%s", cfg.name, e)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
@@ -183,8 +183,13 @@ class Daemon:
             try:
                 reply = await self._handle(req)
             except (RoleError, RecoveryPointError, RPStoreError, config_mod.ConfigError, KeyError,
-                    ValueError) as e:
+                    ValueError, StartError, security.SecurityError) as e:
                 reply = {"ok": False, "error": e.args[0] if isinstance(e, KeyError) and e.args else str(e)}
+            except Exception as e:
+                # A bug, not a refusal: log it whole, but still answer, so that the
+                # operator sees an error instead of a dropped connection.
+                log.exception("control request failed request=%s", req.get("cmd"))
+                reply = {"ok": False, "error": f"internal error: {type(e).__name__}: {e}"}
             await _reply(writer, reply)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass

@@ -71,6 +71,10 @@ class RoleError(Exception):
     """A role change the engine refuses; the message says why (shown to operators)."""
 
 
+class StartError(Exception):
+    """A resource could not start; the message names the resource and the cause."""
+
+
 class PeerGone(Exception):
     """The write could not be replicated: the link went away."""
 
@@ -145,7 +149,18 @@ class Resource:
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
+        """Open the volumes, the RP store and the link. SecurityError (bad TLS files or
+        secret) before anything is opened; StartError for anything else (a missing
+        backing directory, bad metadata, a port in use), after closing what was opened."""
         self.security = security.load(self.cfg)     # SecurityError: the resource does not start
+        try:
+            await self._start()
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise StartError(f"resource {self.name!r} did not start: {e}") from e
+
+    async def _start(self) -> None:
         t = self.cfg.tunables
         for vcfg in self.cfg.volumes:
             md_path = vcfg.metadata or os.path.join(self.state_dir, self.name, f"vol{vcfg.number}.md")
