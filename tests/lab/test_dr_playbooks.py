@@ -125,8 +125,7 @@ def check_data(lab, host: str, vm: str, expect: dict[int, int], maybe: set[tuple
 def ctl_status(lab, host: str, vm: str) -> dict:
     proc = lab.attach(host, "tandemctl", "status", vm, "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads(proc.stdout)
-    return data[0] if isinstance(data, list) else data
+    return json.loads(proc.stdout)["resources"][0]
 
 
 class DRRuns:
@@ -161,6 +160,13 @@ class DRRuns:
             assert proc.returncode == 0, (f"{' '.join(cmd[2:])} failed (rc {proc.returncode}):\n"
                                           f"{run.output[-6000:]}")
         return run
+
+    def record_moved(self, what: str, run: Run) -> None:
+        """The bytes the reverse resync moved, as failback.yml's summary reports them."""
+        m = re.search(r"reverse resync moved ([0-9.]+ \w+)", run.output)
+        assert m, run.output[-3000:]
+        self.timings[f"{what}: bytes moved"] = m.group(1)
+        TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
 
     def no_change(self, name: str, *extra: str, record: str | None = None) -> Run:
         run = self.playbook(name, *extra, record=record)
@@ -216,6 +222,10 @@ def test_protect_then_nothing_to_do(dr):
     dr.no_change("protect", record="protect (second run)")
     run = dr.playbook("protect", check=True, record="protect --check (protected)")
     assert run.changed == 0, run.output[-4000:]
+    run = dr.no_change("status", record="status")
+    rows = [line for line in run.output.splitlines() if re.search(r'"vol0[12] ', line)]
+    assert len(rows) == 2 and all("Primary/UpToDate" in r and "Secondary/UpToDate" in r and "in-sync" in r
+                                  for r in rows), run.output[-3000:]
 
 
 def test_planned_failover_and_failback_lose_nothing(dr):
@@ -233,7 +243,7 @@ def test_planned_failover_and_failback_lose_nothing(dr):
     at_dr.finish()
     assert at_dr.last_seq == 1400, at_dr.proc.stderr.read()
     run = dr.playbook("failback", "-e", "vms=vol01", record="failback (after planned failover)")
-    assert "reverse resync moved" in run.output
+    dr.record_moved("failback (after planned failover)", run)
     assert ctl_status(lab, PROD, "vol01")["role"] == "Primary"
     dr.vol01 = merged(before, at_dr)[0]
     check_data(lab, PROD, "vol01", dr.vol01)
@@ -250,6 +260,9 @@ def test_unplanned_failover_after_crash_keeps_every_acknowledged_write(dr):
     # The lost site is not contacted: the run must succeed with hv-a1 down.
     dr.playbook("failover", "-e", "mode=unplanned", "-e", "vms=vol01", record="failover unplanned")
     assert ctl_status(lab, DR, "vol01")["role"] == "Primary"
+    # status.yml goes on without the lost site and shows it.
+    run = dr.playbook("status", "-e", "vms=vol01", record="status (site A down)")
+    assert any("vol01" in line and "unreachable" in line for line in run.output.splitlines()), run.output
     # Everything acknowledged before the crash, in this test and the earlier ones, is at DR.
     history, maybe = merged(writer)
     history = {**dr.vol01, **history}
@@ -262,7 +275,7 @@ def test_unplanned_failover_after_crash_keeps_every_acknowledged_write(dr):
     at_dr.finish()
     lab.labctl("start", PROD)
     run = dr.playbook("failback", "-e", "vms=vol01", record="failback (after unplanned failover)")
-    assert "reverse resync moved" in run.output
+    dr.record_moved("failback (after unplanned failover)", run)
     # The production site ends with exactly what the DR site held: the crash's in-flight write
     # only if it had reached DR, whatever hv-a1 had written locally before it died.
     check_data(lab, PROD, "vol01", {**history, **landed, **at_dr.acked})
@@ -280,9 +293,14 @@ def maybe_landed(lab, host: str, vm: str, maybe) -> dict[int, int]:
 
 def test_failover_during_interrupted_resync_uses_the_last_consistent_rp(dr):
     lab = dr.lab
+    # hv-a1 came back from the crash test as Secondary for vol02 too (a restarted node
+    # always does, as with DRBD); vol02 never failed over, so it is promoted again there.
+    assert lab.wait_for(lambda: ctl_status(lab, PROD, "vol02")["connection"] == "Connected", timeout=60)
+    proc = lab.attach(PROD, "tandemctl", "primary", "vol02")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     before = Journal(lab, PROD, "vol02", start_seq=1, count=300, seed=5)
     before.finish()
-    assert before.last_seq == 300
+    assert before.last_seq == 300, before.proc.stderr.read()
     # Slow the resync down (an online tunable change through protect.yml), then cut the link.
     dr.write_group(SLOW_RESYNC)
     dr.playbook("protect", "-e", "vms=vol02", record="protect (tunable change)")
