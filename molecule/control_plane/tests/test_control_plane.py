@@ -132,7 +132,7 @@ def test_monitor_sees_both_keepers(trio):
     assert all(n["health"] == 1 for n in nodes), nodes
     states = sorted((n["current_group_state"], n["assigned_group_state"]) for n in nodes)
     assert states == [("primary", "primary"), ("secondary", "secondary")], nodes
-    primary, _ = _primary_and_standby(trio)
+    primary = _primary_and_standby(trio)[0]
     assert next(n for n in nodes if n["current_group_state"] == "primary")["nodename"] == primary
 
 
@@ -169,7 +169,7 @@ def test_hba_rejects_clients_outside_the_declared_networks(trio):
 
 
 def test_transitions_are_in_the_journal(trio):
-    primary, _ = _primary_and_standby(trio)
+    primary = _primary_and_standby(trio)[0]
     vip = trio[primary].check_output("journalctl -t tandem-cp-vip -o cat --no-pager")
     assert "vip_state=MASTER" in vip
     watch = trio[primary].check_output("journalctl -t tandem-cp-watch -o cat --no-pager")
