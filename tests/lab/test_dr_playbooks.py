@@ -184,12 +184,16 @@ def _clean_host(lab, host: str) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.fixture(scope="module")
-def dr(lab, tmp_path_factory):
-    lab.labctl("heal")
+def _start_crashed(lab) -> None:
     for fault in lab.status()["faults"]:
         if fault["fault"] == "crashed":
             lab.labctl("start", fault["host"])
+
+
+@pytest.fixture(scope="module")
+def dr(lab, tmp_path_factory):
+    lab.labctl("heal")
+    _start_crashed(lab)
     d = DRRuns(lab, tmp_path_factory.mktemp("dr"))
     run = d.playbook("engine", record="engine (converge)")
     d.playbook("engine", record="engine (second run)")
@@ -200,9 +204,15 @@ def dr(lab, tmp_path_factory):
         lab.put(host, "/root/nbd_journal.py", (GUEST / "nbd_journal.py").read_text())
     yield d
     lab.labctl("heal")
-    for fault in lab.status()["faults"]:
-        if fault["fault"] == "crashed":
-            lab.labctl("start", fault["host"])
+    _start_crashed(lab)
+    # Leave the hypervisors as the other lab tests expect them: no tandemd, no firewall.
+    cleanup = subprocess.run(
+        [str(Path(os.sys.executable).parent / "ansible-playbook"), "-i", str(lab.inventory),
+         "molecule/engine/cleanup.yml"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert cleanup.returncode == 0, cleanup.stdout[-3000:] + cleanup.stderr[-2000:]
+    for host in (PROD, DR):
+        lab.attach(host, "rm", "-rf", "/srv/tandem/vol01", "/srv/tandem/vol02", "/root/nbd_journal.py",
+                   "/root/nbdclient.py")
 
 
 def test_protect_in_check_mode_creates_nothing(dr):
@@ -233,6 +243,11 @@ def test_planned_failover_and_failback_lose_nothing(dr):
     before = Journal(lab, PROD, "vol01", start_seq=1, count=400)
     before.finish()
     assert before.last_seq == 400, before.proc.stderr.read()
+    run = dr.playbook("failover", "-e", "mode=planned", "-e", "vms=vol01", check=True,
+                      record="failover planned --check")
+    assert run.changed > 0, "check mode must report the demote and the promote it would do"
+    assert ctl_status(lab, PROD, "vol01")["role"] == "Primary", "check mode changed a role"
+    assert ctl_status(lab, DR, "vol01")["role"] == "Secondary", "check mode changed a role"
     dr.playbook("failover", "-e", "mode=planned", "-e", "vms=vol01", record="failover planned")
     assert ctl_status(lab, DR, "vol01")["role"] == "Primary"
     assert ctl_status(lab, PROD, "vol01")["role"] == "Secondary"
@@ -242,6 +257,8 @@ def test_planned_failover_and_failback_lose_nothing(dr):
     at_dr = Journal(lab, DR, "vol01", start_seq=1001, count=400, seed=2)
     at_dr.finish()
     assert at_dr.last_seq == 1400, at_dr.proc.stderr.read()
+    run = dr.playbook("failback", "-e", "vms=vol01", check=True, record="failback --check")
+    assert run.changed > 0 and ctl_status(lab, DR, "vol01")["role"] == "Primary", run.output[-3000:]
     run = dr.playbook("failback", "-e", "vms=vol01", record="failback (after planned failover)")
     dr.record_moved("failback (after planned failover)", run)
     assert ctl_status(lab, PROD, "vol01")["role"] == "Primary"
@@ -293,6 +310,7 @@ def maybe_landed(lab, host: str, vm: str, maybe) -> dict[int, int]:
 
 def test_failover_during_interrupted_resync_uses_the_last_consistent_rp(dr):
     lab = dr.lab
+    _start_crashed(lab)
     # hv-a1 came back from the crash test as Secondary for vol02 too (a restarted node
     # always does, as with DRBD); vol02 never failed over, so it is promoted again there.
     assert lab.wait_for(lambda: ctl_status(lab, PROD, "vol02")["connection"] == "Connected", timeout=60)
