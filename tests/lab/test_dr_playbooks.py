@@ -163,9 +163,10 @@ class DRRuns:
 
     def record_moved(self, what: str, run: Run) -> None:
         """The bytes the reverse resync moved, as failback.yml's summary reports them."""
-        m = re.search(r"reverse resync moved ([0-9.]+ \w+)", run.output)
+        m = re.search(r"reverse resync moved ([0-9.]+ \w+) since the DR tandemd started, "
+                      r"([0-9.]+ \w+) during this run", run.output)
         assert m, run.output[-3000:]
-        self.timings[f"{what}: bytes moved"] = m.group(1)
+        self.timings[f"{what}: bytes moved"] = f"{m.group(1)} since DR start, {m.group(2)} in the run"
         TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
 
     def no_change(self, name: str, *extra: str, record: str | None = None) -> Run:
