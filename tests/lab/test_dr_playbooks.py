@@ -39,7 +39,9 @@ GROUP = {"tandem_protection_group": {"name": "labtest", "vms": [
     {"name": "vol01", "production": PROD, "dr": DR, "port": 7801, "disks": [{"size": "16MiB"}]},
     {"name": "vol02", "production": PROD, "dr": DR, "port": 7802, "disks": [{"size": "16MiB"}],
      "tunables": {"rp_max_age": 0}},
+    {"name": "vol03", "production": PROD, "dr": DR, "port": 7803, "disks": [{"size": "64MiB"}]},
 ]}}
+HOT = 1024                       # vol03's writes stay in its first 4 MiB: one activity-log extent
 # vol02's resync, slowed down so that a crash lands in the middle of it.
 SLOW_RESYNC = {"resync_rate_max": "128KiB", "resync_rate_min": "64KiB"}
 RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
@@ -59,14 +61,15 @@ class Run:
 class Journal:
     """The acknowledgement stream of one writer run inside a lab host."""
 
-    def __init__(self, lab, host: str, vm: str, start_seq: int, count: int = 0, seed: int = 1):
+    def __init__(self, lab, host: str, vm: str, start_seq: int, count: int = 0, seed: int = 1,
+                 blocks: int = BLOCKS):
         self.acked: dict[int, int] = {}
         self.inflight: tuple[int, int] | None = None
         self.last_seq = start_seq - 1
         self.proc = subprocess.Popen(
             ["lxc-attach", "-P", str(lab.state / "lxc"), "-n", host, "--clear-env", "--",
              "python3", "/root/nbd_journal.py", "write", f"/run/tandem/{vm}.nbd", f"{vm}/disk0",
-             "--blocks", str(BLOCKS), "--start-seq", str(start_seq), "--count", str(count),
+             "--blocks", str(blocks), "--start-seq", str(start_seq), "--count", str(count),
              "--seed", str(seed)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -161,13 +164,14 @@ class DRRuns:
                                           f"{run.output[-6000:]}")
         return run
 
-    def record_moved(self, what: str, run: Run) -> None:
+    def record_moved(self, what: str, run: Run) -> str:
         """The bytes the reverse resync moved, as failback.yml's summary reports them."""
         m = re.search(r"reverse resync moved ([0-9.]+ \w+) since the DR tandemd started, "
                       r"([0-9.]+ \w+) during this run", run.output)
         assert m, run.output[-3000:]
         self.timings[f"{what}: bytes moved"] = f"{m.group(1)} since DR start, {m.group(2)} in the run"
         TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
+        return m.group(1)
 
     def no_change(self, name: str, *extra: str, record: str | None = None) -> Run:
         run = self.playbook(name, *extra, record=record)
@@ -178,8 +182,8 @@ class DRRuns:
 def _clean_host(lab, host: str) -> None:
     """Forget vol01/vol02 on a host, so that the module starts from a blank lab."""
     script = ("systemctl stop tandemd; "
-              "rm -f /etc/tandem/resources.d/vol0[12].toml /etc/tandem/secrets/vol0[12].key; "
-              "rm -rf /var/lib/tandem/vol01 /var/lib/tandem/vol02 /srv/tandem/vol01 /srv/tandem/vol02; "
+              "rm -f /etc/tandem/resources.d/vol0[123].toml /etc/tandem/secrets/vol0[123].key; "
+              "rm -rf /var/lib/tandem/vol0[123] /srv/tandem/vol0[123]; "
               "systemctl start tandemd")
     proc = lab.attach(host, "sh", "-c", script, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -212,7 +216,8 @@ def dr(lab, tmp_path_factory):
          "molecule/engine/cleanup.yml"], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert cleanup.returncode == 0, cleanup.stdout[-3000:] + cleanup.stderr[-2000:]
     for host in (PROD, DR):
-        lab.attach(host, "rm", "-rf", "/srv/tandem/vol01", "/srv/tandem/vol02", "/root/nbd_journal.py",
+        lab.attach(host, "rm", "-rf", "/srv/tandem/vol01", "/srv/tandem/vol02", "/srv/tandem/vol03",
+                   "/root/nbd_journal.py",
                    "/root/nbdclient.py")
 
 
@@ -225,7 +230,7 @@ def test_protect_in_check_mode_creates_nothing(dr):
 
 def test_protect_then_nothing_to_do(dr):
     dr.playbook("protect", record="protect")
-    for vm in ("vol01", "vol02"):
+    for vm in ("vol01", "vol02", "vol03"):
         prod, rep = ctl_status(dr.lab, PROD, vm), ctl_status(dr.lab, DR, vm)
         assert (prod["role"], rep["role"]) == ("Primary", "Secondary")
         assert all(v["replication"] == "Established" and v["out_of_sync_bytes"] == 0
@@ -234,8 +239,8 @@ def test_protect_then_nothing_to_do(dr):
     run = dr.playbook("protect", check=True, record="protect --check (protected)")
     assert run.changed == 0, run.output[-4000:]
     run = dr.no_change("status", record="status")
-    rows = [line for line in run.output.splitlines() if re.search(r'"vol0[12] ', line)]
-    assert len(rows) == 2 and all("Primary/UpToDate" in r and "Secondary/UpToDate" in r and "in-sync" in r
+    rows = [line for line in run.output.splitlines() if re.search(r'"vol0[123] ', line)]
+    assert len(rows) == 3 and all("Primary/UpToDate" in r and "Secondary/UpToDate" in r and "in-sync" in r
                                   for r in rows), run.output[-3000:]
 
 
@@ -343,3 +348,30 @@ def test_failover_during_interrupted_resync_uses_the_last_consistent_rp(dr):
     assert st["role"] == "Primary" and st["volumes"][0]["disk"] == "UpToDate", st
     # Exactly the data from before the partition: none of the half-resynced writes.
     check_data(lab, DR, "vol02", *merged(before))
+
+
+def test_failback_after_a_crash_resyncs_only_the_changes_and_the_hot_area(dr):
+    """vol03 (64 MiB): writes confined to its first 4 MiB, crash hv-a1, unplanned failover,
+    writes at DR in the same 4 MiB, failback. The reverse resync is the activity log's hot
+    area plus what DR changed: a few MiB, not the 64 MiB a full copy would move."""
+    lab = dr.lab
+    _start_crashed(lab)
+    assert lab.wait_for(lambda: ctl_status(lab, PROD, "vol03")["connection"] == "Connected", timeout=60)
+    if ctl_status(lab, PROD, "vol03")["role"] != "Primary":
+        proc = lab.attach(PROD, "tandemctl", "primary", "vol03")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    writer = Journal(lab, PROD, "vol03", start_seq=1, seed=7, blocks=HOT)
+    writer.wait_acks(300)
+    lab.labctl("crash", PROD)
+    writer.finish(60)
+    dr.playbook("failover", "-e", "mode=unplanned", "-e", "vms=vol03")
+    landed = maybe_landed(lab, DR, "vol03", merged(writer)[1])
+    at_dr = Journal(lab, DR, "vol03", start_seq=1001, count=300, seed=8, blocks=HOT)
+    at_dr.finish()
+    lab.labctl("start", PROD)
+    run = dr.playbook("failback", "-e", "vms=vol03", record="failback (vol03, writes in one AL extent)")
+    moved = dr.record_moved("failback (vol03, writes in one AL extent)", run)
+    number, unit = moved.split()
+    moved_bytes = float(number) * {"Bytes": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}[unit]
+    assert 0 < moved_bytes <= 8 << 20, f"reverse resync moved {moved}: not incremental"
+    check_data(lab, PROD, "vol03", {**merged(writer)[0], **landed, **at_dr.acked})
