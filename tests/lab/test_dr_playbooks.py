@@ -110,13 +110,19 @@ def merged(*journals: Journal) -> tuple[dict[int, int], set[tuple[int, int]]]:
     return expect, maybe
 
 
-def check_data(lab, host: str, vm: str, expect: dict[int, int], maybe: set[tuple[int, int]] = frozenset()):
+def dump(lab, host: str, vm: str) -> tuple[dict[int, int], int]:
+    """What the site holds: block -> seq of the journal write in it, and the count of
+    non-zero blocks that carry no journal write."""
     proc = lab.attach(host, "python3", "/root/nbd_journal.py", "dump", f"/run/tandem/{vm}.nbd",
                       f"{vm}/disk0", "--blocks", str(BLOCKS), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    dump = json.loads(proc.stdout)
-    held = {int(b): s for b, s in dump["blocks"].items()}
-    assert dump["foreign"] == 0, f"{vm} on {host}: {dump['foreign']} blocks hold data nobody wrote"
+    data = json.loads(proc.stdout)
+    return {int(b): s for b, s in data["blocks"].items()}, data["foreign"]
+
+
+def check_data(lab, host: str, vm: str, expect: dict[int, int], maybe: set[tuple[int, int]] = frozenset()):
+    held, foreign = dump(lab, host, vm)
+    assert foreign == 0, f"{vm} on {host}: {foreign} blocks hold data nobody wrote"
     wrong = [(b, s, held.get(b)) for b, s in expect.items()
              if held.get(b) != s and (b, held.get(b)) not in maybe]
     extra = [(b, s) for b, s in held.items() if b not in expect and (b, s) not in maybe]
@@ -308,9 +314,7 @@ def maybe_landed(lab, host: str, vm: str, maybe) -> dict[int, int]:
     """Which of the in-flight writes the site actually holds."""
     if not maybe:
         return {}
-    proc = lab.attach(host, "python3", "/root/nbd_journal.py", "dump", f"/run/tandem/{vm}.nbd",
-                      f"{vm}/disk0", "--blocks", str(BLOCKS), timeout=120)
-    held = {int(b): s for b, s in json.loads(proc.stdout)["blocks"].items()}
+    held = dump(lab, host, vm)[0]
     return {b: s for b, s in maybe if held.get(b) == s}
 
 
