@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule, run_state_machine_as_test
 from test_engine_rpstore import RPChain  # pytest puts tests/unit on sys.path
 
-from tandem.engine import rpreflink
+from tandem.engine import recovery, rpreflink
 from tandem.engine.recovery import RecoveryPointError, RecoveryPoints
 from tandem.engine.rpreflink import (
     FIEMAP_EXTENT_SHARED,
@@ -29,6 +29,7 @@ from tandem.engine.rpreflink import (
     _same_ranges,
     _subtract,
     _union,
+    extent_count,
     fiemap,
     probe,
 )
@@ -478,6 +479,43 @@ def test_xfs_volume_gets_reflink_ext4_volume_gets_delta(reflink_dir, tmp_path, c
     assert os.pread(on_xfs.fd, 4096, 0) == b"\x01" * 4096 and os.pread(on_ext4.fd, 4096, 0) == b"\x02" * 4096
     rps.delete(m.id)
     assert os.listdir(on_xfs.path + ".rp") == []
+    rps.close()
+
+
+def test_extent_count_counts_what_fiemap_maps(reflink_dir):
+    fd = make_live(str(reflink_dir), 1 << 20, "sparse.img")
+    try:
+        assert extent_count(fd) == 0
+        for k in range(5):                                   # holes between: 5 extents
+            os.pwrite(fd, b"x" * BLOCK, k * 4 * BLOCK)
+        os.fsync(fd)
+        assert extent_count(fd) == len(fiemap(fd, 0, 1 << 20)) == 5
+    finally:
+        os.close(fd)
+
+
+def test_auto_keeps_a_fragmented_volume_on_delta_but_reflink_asked_for_is_honoured(
+        reflink_dir, tmp_path, closing, monkeypatch, caplog):
+    monkeypatch.setattr(recovery, "AUTO_REFLINK_MAX_EXTENTS", 3)
+    v = volume(reflink_dir, 0, fill=b"\0")
+    closing.append(v)
+    os.ftruncate(v.fd, 0)
+    os.ftruncate(v.fd, v.size)                               # sparse again, then 4 extents
+    for k in range(4):
+        os.pwrite(v.fd, b"x" * BLOCK, k * 4 * BLOCK)
+    os.fsync(v.fd)
+    caplog.set_level("INFO", logger=recovery.log.name)
+    rps = RecoveryPoints.open(str(tmp_path / "auto"), "a", [v], storage="auto")
+    assert rps.storage() == ["delta"]
+    assert "has 4 extents (over 3)" in caplog.text
+    rps.close()
+    rps = RecoveryPoints.open(str(tmp_path / "reflink"), "a", [v], storage="reflink")
+    assert rps.storage() == ["reflink"]
+    rps.close()
+    os.pwrite(v.fd, b"x" * (13 * BLOCK), 0)                 # the holes filled: 1 extent
+    os.fsync(v.fd)
+    rps = RecoveryPoints.open(str(tmp_path / "auto2"), "a", [v], storage="auto")
+    assert rps.storage() == ["reflink"]
     rps.close()
 
 

@@ -147,6 +147,15 @@ def fiemap(fd: int, start: int, length: int, *, sync: bool = False) -> list[tupl
     return out
 
 
+def extent_count(fd: int) -> int:
+    """How many extents the file has (FIEMAP with no extent buffer: the kernel only counts).
+    OSError where FIEMAP is unsupported."""
+    buf = bytearray(_FIEMAP_HEAD.size)
+    _FIEMAP_HEAD.pack_into(buf, 0, 0, 0xFFFF_FFFF_FFFF_FFFF, 0, 0, 0, 0)
+    fcntl.ioctl(fd, FS_IOC_FIEMAP, buf)
+    return _FIEMAP_HEAD.unpack_from(buf)[3]
+
+
 def probe(directory: str, live_fd: int) -> str | None:
     """None if reflink RPs of this live file can go into `directory`, else why not.
 
