@@ -10,6 +10,7 @@
 include mk/toolchain.mk
 include mk/lab.mk
 include mk/bench.mk
+include mk/package.mk
 
 # bench's recipes are in mk/bench.mk; they need fio/nbdkit and the venv.
 bench bench-faults: engine-deps $(VENV_STAMP)
@@ -31,6 +32,7 @@ help:
 	@echo "make lint        ruff and ansible-lint --offline"
 	@echo "make sanity      ansible-test sanity (offline)"
 	@echo "make demo        bring the lab up and run the demo playbook"
+	@echo "make collection  build dist/tandem-dr-VERSION.tar.gz; make ee-context: the AWX EE build context"
 	@echo "make lab-up / lab-down / lab-status / lab-up-xfs / lab-clean-cache"
 
 # The last step is one pytest run over unit and lab tests, so `make test` ends
