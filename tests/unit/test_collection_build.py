@@ -131,8 +131,8 @@ def test_the_execution_environment_definition_builds_a_context(built, tmp_path):
     _run([str(BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "-r", "requirements.yml",
           "-p", str(dest)], build)
     _run([sys.executable, str(build / "scripts" / "introspect.py"), "introspect",
-          "--write-pip", str(tmp_path / "pip.txt"), "--write-bindep", str(tmp_path / "bindep.txt"), str(dest)],
-         tmp_path)
+          "--write-pip", str(tmp_path / "pip.txt"), "--write-bindep", str(tmp_path / "bindep.txt"),
+          str(dest)], tmp_path)
     pip = (tmp_path / "pip.txt").read_text()
     bindep = (tmp_path / "bindep.txt").read_text()
     assert "netaddr" in pip and "cryptography" in pip, pip
