@@ -51,6 +51,8 @@ def test_split_brain_is_refused_until_the_operator_discards_one_side(tmp_path):
         pair.wait(lambda: standalone(pair), timeout=30, what="both StandAlone after the split brain")
         for node in (pair.a, pair.b):
             assert "strategy=split-brain" in node.log.read_text()
+            why = node.status(pair.resource)["standalone"]
+            assert why["kind"] == "split-brain" and "manual recovery needed" in why["reason"], why
         # Nothing moved: each side still has its own writes.
         assert read_block(pair.a, pair, 12) == b"A" * BLOCK
         assert read_block(pair.b, pair, 22) == b"B" * BLOCK
@@ -64,6 +66,7 @@ def test_split_brain_is_refused_until_the_operator_discards_one_side(tmp_path):
         for node in (pair.a, pair.b):                           # the same command on both nodes
             node.ctl("resolve", pair.resource, "--discard", "a")
         pair.wait(pair.in_sync, timeout=60, what="resync after the resolution")
+        assert all(n.status(pair.resource)["standalone"] is None for n in (pair.a, pair.b))
         assert "split-brain-resolved" in pair.b.log.read_text()
         assert sha(pair.data_file(pair.a)) == sha(pair.data_file(pair.b))
         assert read_block(pair.a, pair, 12) == bytes(BLOCK)     # a's change since the split is gone

@@ -99,6 +99,8 @@ class Resource:
         self.state_dir = state_dir
         self.role = "Secondary"
         self.conn = STANDALONE
+        #: Why the resource went StandAlone ({"kind", "reason", "since"}), for status; None otherwise.
+        self.standalone: dict | None = None
         self.peer_role = "Unknown"
         self.vols: list[VolumeState] = []
         self.locks: list[RangeLock] = []
@@ -459,7 +461,8 @@ class Resource:
                 self._drop_connection(f"link lost: {e.__class__.__name__}", kind="link-lost")
             except _Refused as e:
                 link.finish()            # the peer must get our HELLO to reach the same verdict
-                self._drop_connection(str(e), standalone=e.standalone, kind="refused")
+                self._drop_connection(str(e), standalone=e.standalone,
+                                      kind="split-brain" if e.split_brain else "refused")
                 if e.standalone:
                     return
             finally:
@@ -786,6 +789,7 @@ class Resource:
     def connect(self) -> None:
         if self.conn == STANDALONE and not self._stopping:
             self.conn = CONNECTING
+            self.standalone = None
             self._connect_task = self._spawn(self._connect_loop(), "connect")
 
     def _drop_connection(self, reason: str, standalone: bool = False, kind: str = "disconnected") -> None:
@@ -798,6 +802,8 @@ class Resource:
             self._watchdog_handle.cancel()
             self._watchdog_handle = None
         self.conn = STANDALONE if (standalone or self._stopping) else CONNECTING
+        if self.conn == STANDALONE and not self._stopping:
+            self.standalone = {"kind": kind, "reason": reason, "since": time.time()}
         self.peer_role = "Unknown"
         # Whatever the peer did not acknowledge may be missing there. The
         # waiting writes complete now, on local durability.
@@ -1391,6 +1397,7 @@ class Resource:
             entry.update(self._verifier.progress(vs.vol.number))
             vols.append(entry)
         return {"name": self.name, "role": self.role, "connection": self.conn,
+                "standalone": self.standalone if self.conn == STANDALONE else None,
                 "peer": self.cfg.peer.name, "peer_role": self.peer_role,
                 "protocol": self.cfg.protocol, "degraded": self.degraded, "rpo": self.rpo_exposure(),
                 "recovery_points": self.rps.summary() if self.rps else None,
