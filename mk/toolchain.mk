@@ -26,6 +26,8 @@ VENV        ?= .venv
 VENV_BIN    := $(VENV)/bin
 VENV_PYTHON := $(VENV_BIN)/python
 VENV_STAMP  := $(VENV)/.stamp
+# Debian packages pip needs to build requirements-dev.txt (libvirt-python has no wheel).
+VENV_BUILD_PACKAGES := libvirt-dev pkg-config gcc
 
 # Where the offline collections (and the tandem/dr -> repo-root link) live.
 COLLECTIONS_DIR := $(TOOLCHAIN_ROOT)/.cache/collections
@@ -67,6 +69,8 @@ $(VENV_STAMP): requirements-dev.txt pyproject.toml
 	    echo "venv: creating $(VENV) with $$py ($$want)"; \
 	    rm -rf '$(VENV)'; "$$py" -m venv '$(VENV)'; \
 	fi
+	@APT_EXTRA=--no-install-recommends bash ci/apt-ensure.sh 'venv (libvirt-python builds against libvirt)' \
+	    $(VENV_BUILD_PACKAGES)
 	'$(VENV_PYTHON)' -m pip install --quiet -r requirements-dev.txt -e .
 	PIP_PYTHON='$(VENV_PYTHON)' bash ci/collections.sh
 	@touch '$@'

@@ -1,4 +1,7 @@
-"""meta/runtime.yml's `tandem` action group lists exactly the modules in plugins/modules/."""
+"""meta/runtime.yml's action groups list every module in plugins/modules/ exactly once:
+`tandem` for the tandemctl modules (shared options: tandemctl, socket), `libvirt` for the
+tandem_vm modules (shared option: uri), so module_defaults for a group never pass an
+option a member lacks."""
 
 from pathlib import Path
 
@@ -6,6 +9,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 FQCN_PREFIX = "tandem.dr."
+GROUPS = ("tandem", "libvirt")
 
 
 def _runtime():
@@ -14,28 +18,30 @@ def _runtime():
 
 def _module_names():
     modules = ROOT / "plugins" / "modules"
-    if not modules.is_dir():
-        return set()
     return {p.stem for p in modules.glob("*.py") if p.stem != "__init__"}
 
 
-def _action_group():
-    entries = (_runtime().get("action_groups") or {}).get("tandem")
-    assert isinstance(entries, list), "action_groups.tandem must be a list"
-    names = []
-    for entry in entries:
-        if isinstance(entry, dict):  # e.g. {metadata: {extend_group: [...]}}
-            continue
-        names.append(entry.removeprefix(FQCN_PREFIX))
-    assert len(names) == len(set(names)), f"duplicates in action_groups.tandem: {names}"
+def _group(name):
+    entries = (_runtime().get("action_groups") or {}).get(name)
+    assert isinstance(entries, list), f"action_groups.{name} must be a list"
+    names = [e.removeprefix(FQCN_PREFIX) for e in entries if not isinstance(e, dict)]
+    assert len(names) == len(set(names)), f"duplicates in action_groups.{name}: {names}"
     return set(names)
 
 
-def test_every_module_is_in_the_action_group():
-    missing = _module_names() - _action_group()
-    assert not missing, f"add to meta/runtime.yml action_groups.tandem: {sorted(missing)}"
+def test_every_module_is_in_exactly_one_action_group():
+    groups = {g: _group(g) for g in GROUPS}
+    for module in _module_names():
+        homes = [g for g, members in groups.items() if module in members]
+        assert len(homes) == 1, f"{module} is in action groups {homes}; it belongs in exactly one"
 
 
 def test_every_action_group_entry_is_a_module():
-    stale = _action_group() - _module_names()
-    assert not stale, f"not in plugins/modules/, drop from action_groups.tandem: {sorted(stale)}"
+    for g in GROUPS:
+        stale = _group(g) - _module_names()
+        assert not stale, f"not in plugins/modules/, drop from action_groups.{g}: {sorted(stale)}"
+
+
+def test_groups_hold_modules_with_the_same_connection_options():
+    assert all(m.startswith("tandem_vm") for m in _group("libvirt"))
+    assert not any(m.startswith("tandem_vm") for m in _group("tandem"))

@@ -1,0 +1,334 @@
+#!/usr/bin/python
+# Copyright (c) Tandem DR maintainers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: tandem_vm
+short_description: Define, start, stop or remove a libvirt domain whose disks tandemd serves
+version_added: 0.1.0
+description:
+  - Manages one libvirt domain on this hypervisor for Tandem DR.
+  - With O(definition), defines the domain from that XML; without it, works on the domain's
+    current persistent definition (to convert an existing VM).
+  - O(nbd_disks) points disks at tandemd exports over its Unix socket (a disk becomes an NBD
+    network disk); O(interfaces) sets interface sources and MACs (network mapping at the DR site).
+  - Idempotent although libvirt rewrites the XML it is given - a domain this module defined
+    carries the sha256 of the definition in its C(<metadata>), and changes are detected on that
+    and on the disks and interfaces it manages, never on libvirt's own additions.
+  - Redefining a running domain changes its next boot only; changing its disks needs a
+    shutdown, which the module does only with O(restart=true).
+extends_documentation_fragment:
+  - tandem.dr._attributes
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - Before and after are the domain's state, definition fingerprint, disks and interfaces.
+requirements:
+  - libvirt Python bindings (Debian C(python3-libvirt)) on the hypervisor
+options:
+  name:
+    description: Domain name.
+    type: str
+    required: true
+  state:
+    description:
+      - V(defined) - defined, whatever its run state.
+      - V(running) - defined and running (started if needed).
+      - V(shutoff) - defined and not running (ACPI shutdown, then O(force_off)).
+      - V(absent) - not defined; a running domain is stopped first.
+    type: str
+    default: defined
+    choices: [defined, running, shutoff, absent]
+  definition:
+    description:
+      - Domain XML to define. Its C(<name>) is replaced by O(name). The UUID of an existing
+        domain is kept, or O(uuid) is used.
+    type: str
+  uuid:
+    description:
+      - UUID for a new domain. Give the production domain's UUID to the DR copy so the guest
+        keeps its identity; leave it unset for a drill copy (libvirt makes a new one).
+    type: str
+  nbd_disks:
+    description: Disks to serve from tandemd exports.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      target:
+        description: The disk's target device (V(vda), ...).
+        type: str
+        required: true
+      socket:
+        description: tandemd's NBD Unix socket of the resource.
+        type: path
+        required: true
+      export:
+        description: NBD export name (tandemd's default is C(<resource>/<volume number>)).
+        type: str
+        required: true
+  interfaces:
+    description:
+      - Interface sources and MACs to set, by position or by current MAC (O(interfaces[].match_mac)).
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      network:
+        description: libvirt network to attach to.
+        type: str
+      bridge:
+        description: Host bridge to attach to.
+        type: str
+      vlan:
+        description: VLAN tag on the bridge (real hosts; the lab has no 802.1q).
+        type: int
+      mac:
+        description: MAC address to set.
+        type: str
+      match_mac:
+        description: Pick the interface that has this MAC now, instead of by position.
+        type: str
+  restart:
+    description: Allow a shutdown and start of a running domain to apply disk changes.
+    type: bool
+    default: false
+  shutdown_timeout:
+    description: Seconds to wait for an ACPI shutdown.
+    type: int
+    default: 120
+  force_off:
+    description: Power the domain off (virsh destroy) when the ACPI shutdown times out.
+    type: bool
+    default: false
+  uri:
+    description: libvirt connection URI.
+    type: str
+    default: qemu:///system
+author:
+  - Tandem DR maintainers (!UNKNOWN)
+"""
+
+EXAMPLES = r"""
+- name: Define app01 with its disk on tandemd and start it
+  tandem.dr.tandem_vm:
+    name: app01
+    definition: "{{ lookup('ansible.builtin.template', 'app01.xml.j2') }}"
+    nbd_disks:
+      - target: vda
+        socket: /run/tandem/app01.nbd
+        export: app01/0
+    state: running
+
+- name: Convert an existing VM (its disk file is now the tandemd volume) - short shutdown
+  tandem.dr.tandem_vm:
+    name: legacy01
+    nbd_disks:
+      - {target: vda, socket: /run/tandem/legacy01.nbd, export: legacy01/0}
+    restart: true
+    state: running
+
+- name: Start the DR copy on the mapped network
+  tandem.dr.tandem_vm:
+    name: app01
+    definition: "{{ saved_definition }}"
+    interfaces:
+      - {bridge: br-dr-app, mac: "52:54:00:12:34:56"}
+    state: running
+"""
+
+RETURN = r"""
+domain:
+  description: The domain after the change (in check mode - as it would be).
+  returned: always
+  type: dict
+  sample:
+    name: app01
+    state: running
+    uuid: 0b7c...
+    definition_sha256: 3f1e...
+    disks: [{target: vda, type: network, protocol: nbd, export: app01/0, socket: /run/tandem/app01.nbd}]
+    interfaces: [{type: bridge, bridge: br-app, mac: "52:54:00:12:34:56"}]
+restart_required:
+  description: The definition changed while the domain kept running; it applies at the next boot.
+  returned: when the domain was defined
+  type: bool
+  sample: false
+actions:
+  description: What the module did (or would do in check mode), in order.
+  returned: always
+  type: list
+  elements: str
+  sample: [define, start]
+"""
+
+import time
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.tandem.dr.plugins.module_utils import _domain_xml as dx
+from ansible_collections.tandem.dr.plugins.module_utils._libvirt import connect, libvirt, state_name
+
+
+def _persistent(dom) -> str:
+    return dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE)
+
+
+def _lookup(conn, name):
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as e:
+        if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def _view(root, state):
+    if root is None:
+        return {"state": "absent"}
+    return {**dx.summary(root), "state": state}
+
+
+def desired_definition(p, current_root):
+    """The XML to define, or None when the current definition already is what is wanted."""
+    if p["definition"] is not None:
+        root = dx.parse(p["definition"])
+        dx.set_identity(root, name=p["name"])
+        uuid = current_root.findtext("uuid") if current_root is not None else p["uuid"]
+        dx.set_identity(root, uuid=uuid or "")
+    elif current_root is not None:
+        root = dx.parse(dx.render(current_root))
+    else:
+        raise dx.DomainXMLError(f"domain {p['name']} does not exist: give its definition")
+    dx.serve_disks_over_nbd(root, p["nbd_disks"])
+    dx.set_interfaces(root, p["interfaces"])
+    if p["definition"] is not None:
+        digest = dx.mark(root)
+        if current_root is not None and dx.definition_marker(current_root) == digest:
+            return None, root
+        return root, root
+    # No definition given: compare what we manage, and keep the existing marker (if any).
+    if dx.summary(root) == dx.summary(current_root):
+        return None, root
+    return root, root
+
+
+def shutdown(module, dom, result):
+    result["actions"].append("shutdown")
+    if module.check_mode:
+        return
+    dom.shutdown()
+    deadline = time.monotonic() + module.params["shutdown_timeout"]
+    while time.monotonic() < deadline:
+        if state_name(dom) == "shutoff":
+            return
+        time.sleep(1)
+    if not module.params["force_off"]:
+        module.fail_json(msg=f"domain {module.params['name']} did not shut down within "
+                             f"{module.params['shutdown_timeout']} s (set force_off to power it off)",
+                         **result)
+    result["actions"].append("destroy")
+    dom.destroy()
+
+
+def run(module, conn, result):
+    p = module.params
+    name, want = p["name"], p["state"]
+    dom = _lookup(conn, name)
+    state = state_name(dom)
+    current_root = dx.parse(_persistent(dom)) if dom is not None else None
+    before = _view(current_root, state)
+
+    if want == "absent":
+        after = {"state": "absent"}
+        if dom is not None:
+            if state != "shutoff":
+                result["actions"].append("destroy")
+                if not module.check_mode:
+                    dom.destroy()
+            result["actions"].append("undefine")
+            if not module.check_mode:
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+                                  if p["uri"].startswith("qemu") else 0)
+        return before, after
+
+    to_define, desired_root = desired_definition(p, current_root)
+    running = state in ("running", "blocked", "paused", "pmsuspended", "shutdown")
+    disks_change = current_root is not None and \
+        dx.summary(desired_root)["disks"] != dx.summary(current_root)["disks"]
+    if to_define is not None and running and disks_change and not p["restart"]:
+        module.fail_json(msg=f"domain {name} is running and its disks would change: shut it down "
+                             "first (state: shutoff) or allow it with restart: true", **result)
+    if to_define is not None and running and disks_change:
+        shutdown(module, dom, result)
+        running = False
+        if want == "defined":
+            want = "running"                # put it back as it was
+    if to_define is not None:
+        result["actions"].append("define")
+        # A running domain's new definition applies at its next boot.
+        result["restart_required"] = running and want != "shutoff"
+        if not module.check_mode:
+            dom = conn.defineXML(dx.render(to_define))
+            desired_root = dx.parse(_persistent(dom))
+    after_state = "running" if running else "shutoff"
+    if want == "running" and not running:
+        result["actions"].append("start")
+        if not module.check_mode:
+            dom.create()
+        after_state = "running"
+    elif want == "shutoff" and running:
+        shutdown(module, dom, result)
+        after_state = "shutoff"
+    return before, _view(desired_root, after_state if module.check_mode else state_name(dom))
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "name": {"type": "str", "required": True},
+            "state": {"type": "str", "default": "defined",
+                      "choices": ["defined", "running", "shutoff", "absent"]},
+            "definition": {"type": "str"},
+            "uuid": {"type": "str"},
+            "nbd_disks": {"type": "list", "elements": "dict", "default": [], "options": {
+                "target": {"type": "str", "required": True},
+                "socket": {"type": "path", "required": True},
+                "export": {"type": "str", "required": True}}},
+            "interfaces": {"type": "list", "elements": "dict", "default": [], "options": {
+                "network": {"type": "str"}, "bridge": {"type": "str"}, "vlan": {"type": "int"},
+                "mac": {"type": "str"}, "match_mac": {"type": "str"}},
+                "mutually_exclusive": [["network", "bridge"]]},
+            "restart": {"type": "bool", "default": False},
+            "shutdown_timeout": {"type": "int", "default": 120},
+            "force_off": {"type": "bool", "default": False},
+            "uri": {"type": "str", "default": "qemu:///system"},
+        },
+        supports_check_mode=True,
+    )
+    result = {"changed": False, "actions": []}
+    conn = connect(module, **result)
+    try:
+        before, after = run(module, conn, result)
+    except dx.DomainXMLError as e:
+        module.fail_json(msg=f"domain {module.params['name']}: {e}", **result)
+    except libvirt.libvirtError as e:
+        module.fail_json(msg=f"domain {module.params['name']}: libvirt: {e} "
+                             f"(after: {', '.join(result['actions']) or 'nothing done'})", **result)
+    finally:
+        conn.close()
+    result["changed"] = bool(result["actions"])
+    result["domain"] = after
+    if module._diff:
+        result["diff"] = {"before": before, "after": after}
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

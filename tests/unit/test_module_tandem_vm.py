@@ -1,0 +1,225 @@
+"""tandem_vm and tandem_vm_info against libvirt's own test driver (test:///default: a real
+libvirt connection with an in-memory hypervisor, shared by every connection of this
+process). Nothing of ours is mocked; libvirt normalises the XML as it does on a hypervisor,
+which is what the idempotence checks are about. Real QEMU guests: tests/lab."""
+
+from __future__ import annotations
+
+import importlib
+import uuid as uuidlib
+
+import pytest
+from ansible.module_utils import basic
+from ansible.module_utils.testing import patch_module_args
+
+from ansible_collections.tandem.dr.plugins.module_utils import _domain_xml as dx
+
+libvirt = pytest.importorskip("libvirt", reason="libvirt-python is in requirements-dev.txt")
+URI = "test:///default"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def hypervisor():
+    """test:///default keeps its domains only while some connection is open."""
+    conn = libvirt.open(URI)
+    yield conn
+    conn.close()
+
+
+class Exit(Exception):
+    def __init__(self, result, failed):
+        super().__init__(result.get("msg", ""))
+        self.result, self.failed = result, failed
+
+
+def run(module_name, check=False, diff=True, expect_fail=False, **params):
+    module = importlib.import_module(f"ansible_collections.tandem.dr.plugins.modules.{module_name}")
+
+    def leave(failed):
+        def exit_(self, **kwargs):
+            raise Exit(kwargs, failed)
+        return exit_
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(basic.AnsibleModule, "exit_json", leave(False))
+    mp.setattr(basic.AnsibleModule, "fail_json", leave(True))
+    try:
+        args = {"uri": URI, **params, "_ansible_check_mode": check, "_ansible_diff": diff}
+        with patch_module_args(args), pytest.raises(Exit) as info:
+            module.main()
+    finally:
+        mp.undo()
+    assert info.value.failed == expect_fail, info.value.result
+    return info.value.result
+
+
+def vm(**params):
+    return run("tandem_vm", **params)
+
+
+def definition(memory_mib=64, disk="/srv/x.img", bridge="br-a", mac="52:54:00:00:00:01") -> str:
+    return f"""<domain type='test'>
+  <name>placeholder</name>
+  <memory unit='MiB'>{memory_mib}</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='{disk}'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='bridge'><mac address='{mac}'/><source bridge='{bridge}'/></interface>
+  </devices>
+</domain>"""
+
+
+NBD = [{"target": "vda", "socket": "/run/tandem/{}.nbd", "export": "{}/0"}]
+
+
+def nbd(name):
+    return [{k: v.format(name) if isinstance(v, str) else v for k, v in d.items()} for d in NBD]
+
+
+@pytest.fixture
+def name():
+    """A fresh domain name per test, removed afterwards."""
+    n = f"vm-{uuidlib.uuid4().hex[:8]}"
+    yield n
+    conn = libvirt.open(URI)
+    try:
+        dom = conn.lookupByName(n)
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+    except libvirt.libvirtError:
+        pass
+    finally:
+        conn.close()
+
+
+def lv_state(n):
+    conn = libvirt.open(URI)
+    try:
+        return conn.lookupByName(n).state()[0]
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def test_define_with_nbd_disks_is_idempotent_and_check_mode_is_honest(name):
+    r = vm(name=name, definition=definition(), nbd_disks=nbd(name), check=True)
+    assert r["changed"] and r["actions"] == ["define"] and lv_state(name) is None
+    assert r["diff"]["before"] == {"state": "absent"}
+    r = vm(name=name, definition=definition(), nbd_disks=nbd(name))
+    assert r["actions"] == ["define"] and r["domain"]["state"] == "shutoff"
+    (disk,) = r["domain"]["disks"]
+    assert disk == {"target": "vda", "type": "network", "protocol": "nbd", "export": f"{name}/0",
+                    "socket": f"/run/tandem/{name}.nbd"}
+    assert r["domain"]["definition_sha256"]
+    # libvirt rewrote the XML (uuid, defaults, ...), yet nothing is to be done.
+    again = vm(name=name, definition=definition(), nbd_disks=nbd(name))
+    assert not again["changed"] and again["actions"] == []
+    assert again["domain"]["uuid"] == r["domain"]["uuid"]
+    # A real change is seen, in check mode too, and check mode leaves it alone.
+    bigger = vm(name=name, definition=definition(memory_mib=128), nbd_disks=nbd(name), check=True)
+    assert bigger["changed"] and bigger["actions"] == ["define"]
+    assert vm(name=name, definition=definition(), nbd_disks=nbd(name))["changed"] is False
+    # Redefining keeps the domain's UUID although the definition has none (libvirt would refuse).
+    r = vm(name=name, definition=definition(memory_mib=128), nbd_disks=nbd(name))
+    assert r["changed"] and r["domain"]["uuid"] == again["domain"]["uuid"]
+
+
+def test_run_states(name):
+    vm(name=name, definition=definition(), nbd_disks=nbd(name))
+    r = vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running", check=True)
+    assert r["actions"] == ["start"] and lv_state(name) == libvirt.VIR_DOMAIN_SHUTOFF
+    r = vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running")
+    assert r["actions"] == ["start"] and r["domain"]["state"] == "running"
+    assert vm(name=name, state="running")["changed"] is False
+    r = vm(name=name, state="shutoff")
+    assert r["actions"] == ["shutdown"] and r["domain"]["state"] == "shutoff"
+    assert vm(name=name, state="shutoff")["changed"] is False
+
+
+def test_converting_a_running_vm_needs_restart_and_then_shuts_down_once(name):
+    conn = libvirt.open(URI)
+    xml = dx.parse(definition(disk="/var/lib/libvirt/images/legacy.img"))
+    dx.set_identity(xml, name=name)
+    conn.defineXML(dx.render(xml)).create()
+    conn.close()
+    refused = vm(name=name, nbd_disks=nbd(name), state="running", expect_fail=True)
+    assert "is running and its disks would change" in refused["msg"]
+    assert lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
+    r = vm(name=name, nbd_disks=nbd(name), state="running", restart=True)
+    assert r["actions"] == ["shutdown", "define", "start"]
+    assert r["domain"]["disks"][0]["type"] == "network" and r["domain"]["state"] == "running"
+    assert r["diff"]["before"]["disks"][0]["path"] == "/var/lib/libvirt/images/legacy.img"
+    assert vm(name=name, nbd_disks=nbd(name), state="running", restart=True)["changed"] is False
+
+
+def test_interfaces_are_mapped_by_mac_with_a_vlan(name):
+    vm(name=name, definition=definition(), nbd_disks=nbd(name))
+    iface = [{"match_mac": "52:54:00:00:00:01", "bridge": "br-dr", "vlan": 120, "mac": "52:54:00:00:00:99"}]
+    r = vm(name=name, interfaces=iface)
+    assert r["domain"]["interfaces"][0] == {"type": "bridge", "bridge": "br-dr", "vlan": 120,
+                                            "mac": "52:54:00:00:00:99"}
+    # The MAC it matched on is gone now; by position it is the same interface, already right.
+    r = vm(name=name, interfaces=[{"bridge": "br-dr", "vlan": 120, "mac": "52:54:00:00:00:99"}])
+    assert not r["changed"]
+    r = vm(name=name, interfaces=[{"network": "isolated"}])
+    assert r["domain"]["interfaces"][0]["network"] == "isolated"
+    missing = vm(name=name, interfaces=[{"match_mac": "52:54:00:de:ad:00", "bridge": "x"}],
+                 expect_fail=True)
+    assert "no interface with MAC 52:54:00:de:ad:00" in missing["msg"]
+
+
+def test_absent_stops_and_undefines_and_check_mode_keeps_it(name):
+    vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running")
+    r = vm(name=name, state="absent", check=True)
+    assert r["actions"] == ["destroy", "undefine"] and lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
+    r = vm(name=name, state="absent")
+    assert r["actions"] == ["destroy", "undefine"] and lv_state(name) is None
+    assert vm(name=name, state="absent")["changed"] is False
+
+
+def test_new_domain_takes_the_given_uuid(name):
+    want = str(uuidlib.uuid4())
+    r = vm(name=name, definition=definition(), uuid=want)
+    assert r["domain"]["uuid"] == want
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"definition": "<domain><name>x</name"}, "not well-formed XML"),
+    ({"definition": "<network><name>x</name></network>"}, "root element is <network>"),
+    ({"definition": definition(), "nbd_disks": [{"target": "vdz", "socket": "/s", "export": "e"}]},
+     "no disk with target 'vdz' (it has ['vda'])"),
+    ({}, "does not exist: give its definition"),
+    ({"definition": definition(), "interfaces": [{"bridge": "a"}, {"bridge": "b"}]},
+     "interface 1: the domain has only 1 interface(s)"),
+])
+def test_bad_input_fails_clearly_and_defines_nothing(name, params, message):
+    r = vm(name=name, expect_fail=True, **params)
+    assert message in r["msg"] and name in r["msg"]
+    assert lv_state(name) is None
+
+
+def test_info_reads_states_disks_and_the_definition(name):
+    vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running")
+    r = run("tandem_vm_info", names=[name, "no-such-vm"], xml=True)
+    assert r["domains"]["no-such-vm"] == {"state": "absent"}
+    got = r["domains"][name]
+    assert got["state"] == "running" and got["disks"][0]["socket"] == f"/run/tandem/{name}.nbd"
+    assert dx.definition_marker(dx.parse(got["xml"])) == got["definition_sha256"]
+    # The XML read back defines the same domain elsewhere (how the DR site keeps a copy).
+    assert dx.summary(dx.parse(got["xml"]))["disks"] == got["disks"]
+
+
+def test_fingerprint_ignores_layout_uuid_and_marker():
+    a = dx.parse(definition())
+    b = dx.parse(definition().replace("\n  ", "\n").replace("type='raw'", 'type="raw"'))
+    dx.set_identity(b, uuid=str(uuidlib.uuid4()))
+    dx.mark(b)
+    assert dx.fingerprint(a) == dx.fingerprint(b)
+    assert dx.fingerprint(a) != dx.fingerprint(dx.parse(definition(memory_mib=65)))
