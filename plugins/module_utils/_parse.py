@@ -148,7 +148,7 @@ def render_resource(desired):
     """The resource file for `desired` (see tandem_resource), as deterministic text.
 
     desired: name, protocol, local_node, nodes [{name, address}], volumes [{path, size,
-    export?, metadata?}], tunables {}, nbd {socket?, tcp?}, security {...}, rp_storage.
+    export?, metadata?}], tunables {}, nbd {socket?, tcp?, group?}, security {...}, rp_storage.
     Sizes come out as integer bytes (with the human size as a comment), tunables
     sorted by name in canonical form, optional tables only when set.
     """
@@ -169,7 +169,7 @@ def render_resource(desired):
         for key in ("export", "metadata"):
             if vol.get(key) is not None:
                 text += _line(key, vol[key])
-    for table, keys in (("tunables", None), ("nbd", ("socket", "tcp")),
+    for table, keys in (("tunables", None), ("nbd", ("socket", "tcp", "group")),
                         ("security", ("tls_cert", "tls_key", "tls_ca", "secret_file", "plaintext"))):
         values = desired.get(table) or {}
         names = sorted(values) if keys is None else [k for k in keys if k in values] + \

@@ -108,6 +108,10 @@ options:
       tcp:
         description: C(host:port) of an extra NBD TCP listener.
         type: str
+      group:
+        description:
+          - Group owning the Unix socket (mode 0660). V(kvm) on Debian lets QEMU run by libvirt open the disk.
+        type: str
   security:
     description: The C([security]) table; unset keys take the engine's defaults.
     type: dict
@@ -261,7 +265,8 @@ def _spec():
             "export": {"type": "str"},
             "metadata": {"type": "path"}}},
         tunables={"type": "dict"},
-        nbd={"type": "dict", "options": {"socket": {"type": "path"}, "tcp": {"type": "str"}}},
+        nbd={"type": "dict", "options": {"socket": {"type": "path"}, "tcp": {"type": "str"},
+                                         "group": {"type": "str"}}},
         security={"type": "dict", "options": {
             "tls_cert": {"type": "path"}, "tls_key": {"type": "path"}, "tls_ca": {"type": "path"},
             "secret_file": {"type": "path"}, "plaintext": {"type": "bool"}}},

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -61,6 +63,37 @@ def test_a_resource_that_cannot_start_is_a_clear_error_and_stops_nothing_else(pa
     assert pair.a.ctl("adjust", "vm2")["changed"]
     assert sorted(r["name"] for r in pair.a.ctl("status")["resources"]) == [pair.resource, "vm2"]
     assert pair.a.status(pair.resource)["connection"] == "Connected"
+
+
+def test_nbd_socket_group_is_set_at_start_and_changed_online_on_a_primary(pair):
+    """nbd.group: QEMU run by libvirt (group kvm) must open the socket; a group change is a
+    chown, so a Primary keeps serving; an unknown group is refused with its name."""
+    group = grp.getgrnam("daemon")                      # any non-root group of the host
+    pair.start_in_sync()
+    sock, conf = pair.a.nbd_socket(pair.resource), pair.a.config_dir / f"{pair.resource}.toml"
+    assert os.stat(sock).st_gid == 0 and stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    text = conf.read_text()
+    conf.write_text(text + '[nbd]\ngroup = "daemon"\n')
+    plan = pair.a.ctl("adjust", "--dry-run")["actions"]
+    want = [("change-nbd", {"group": {"old": None, "new": "daemon"}})]
+    assert [(a["kind"], a["detail"]) for a in plan] == want
+    assert pair.a.ctl("adjust")["changed"]
+    assert os.stat(sock).st_gid == group.gr_gid and stat.S_IMODE(os.stat(sock).st_mode) == 0o660
+    st = pair.a.status(pair.resource)
+    assert st["role"] == "Primary" and st["connection"] == "Connected"      # not restarted
+    conf.write_text(text + '[nbd]\ngroup = "no-such-group-here"\n')
+    reply = pair.a.ctl("adjust", check=False)
+    assert not reply["ok"] and "nbd.group 'no-such-group-here' is not a group on this host" in reply["error"]
+    assert os.stat(sock).st_gid == group.gr_gid
+    conf.write_text(text)
+    assert pair.a.ctl("adjust")["changed"] and os.stat(sock).st_gid == os.getgid()
+    # At daemon start the group is set before anyone can connect.
+    conf.write_text(text + '[nbd]\ngroup = "daemon"\n')
+    pair.a.ctl("secondary", pair.resource)
+    pair.a.stop()
+    pair.a.start()
+    pair.wait(pair.connected, what="reconnection")
+    assert os.stat(sock).st_gid == group.gr_gid
 
 
 def test_adjust_is_idempotent_and_dry_run_changes_nothing(pair, tmp_path):

@@ -201,7 +201,7 @@ def test_to_dict_is_normalised_and_json_able(tmp_path):
     }
     assert d["nodes"] == [{"name": "hv-a1", "address": "10.202.110.11:7788"},
                           {"name": "hv-b1", "address": "10.202.120.11:7788"}]
-    assert d["nbd"] == {"socket": None, "tcp": None}
+    assert d["nbd"] == {"socket": None, "tcp": None, "group": None}
     assert d["security"] == {
         "tls_cert": "/etc/tandem/tls/node.crt", "tls_key": "/etc/tandem/tls/node.key",
         "tls_ca": "/etc/tandem/tls/ca.crt", "secret_file": "/etc/tandem/secrets/web01.key",
@@ -232,6 +232,7 @@ GOOD = {
         {"number": 2, "path": "/c", "size": 4096 * 3},
     ]},
     "nbd-tcp-only": {"nbd": {"tcp": "0.0.0.0:10809"}},
+    "nbd-group": {"nbd": {"group": "kvm"}},
     "security-explicit": {"security": {
         "tls_cert": "/etc/pki/tandem/hv-a1.pem", "tls_key": "/etc/pki/tandem/hv-a1.key",
         "tls_ca": "/etc/pki/tandem/site-b-ca.pem", "secret_file": "/etc/tandem/secrets/shared.key",
@@ -279,7 +280,7 @@ def test_values_are_normalised(tmp_path):
     # The default secret file, written out, is the same configuration as leaving it out.
     assert r.security == dataclasses.replace(config.SecurityConfig(), tls_cert="/etc/tandem/tls/a.crt",
                                              secret_file="/etc/tandem/secrets/web01.key")
-    assert r.to_dict()["nbd"] == {"socket": "/run/tandem/web01.sock", "tcp": "[::]:10809"}
+    assert r.to_dict()["nbd"] == {"socket": "/run/tandem/web01.sock", "tcp": "[::]:10809", "group": None}
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -511,6 +512,8 @@ BAD = [
                  "must be at most 107 bytes long (AF_UNIX limit), got 108", id="socket-too-long"),
     pytest.param({"nbd": {"tcp": "10809"}}, "nbd.tcp", "expected 'host:port'", id="tcp-no-host"),
     pytest.param({"nbd": {"tcp": True}}, "nbd.tcp", "expected a string, got boolean true", id="tcp-bool"),
+    pytest.param({"nbd": {"group": "Kvm Users"}}, "nbd.group", "must be a group name", id="group-bad-name"),
+    pytest.param({"nbd": {"group": 36}}, "nbd.group", "must be a group name", id="group-number"),
     # security
     pytest.param({"security": True}, "security", "expected a table, got boolean true", id="security-bool"),
     pytest.param({"rp_storage": "lvm"}, "rp_storage", "must be 'delta', 'reflink' or 'auto', got 'lvm'",

@@ -99,7 +99,7 @@ DESIRED = {
                  "metadata": "/var/lib/tandem/md/web01-1.md"}],
     "tunables": {"congestion_fill": "64MiB", "sync_timeout": 2, "rp_keep": 48, "resync_rate_max": "200M",
                  "ping_timeout": 0.25},
-    "nbd": {"socket": "/run/tandem/web01.sock", "tcp": "127.0.0.1:10809"},
+    "nbd": {"socket": "/run/tandem/web01.sock", "tcp": "127.0.0.1:10809", "group": "kvm"},
     "security": {"tls_cert": "/etc/t/node.crt", "tls_key": None, "tls_ca": "/etc/t/ca.crt",
                  "secret_file": "/etc/t/web01.key", "plaintext": False},
     "rp_storage": "auto",
@@ -128,7 +128,7 @@ def test_rendered_file_loads_and_means_what_was_asked(tmp_path):
     want_tunables.update(congestion_fill=64 << 20, sync_timeout=2.0, rp_keep=48, resync_rate_max=200 << 20,
                          ping_timeout=0.25)
     assert got["tunables"] == want_tunables
-    assert got["nbd"] == {"socket": "/run/tandem/web01.sock", "tcp": "127.0.0.1:10809"}
+    assert got["nbd"] == {"socket": "/run/tandem/web01.sock", "tcp": "127.0.0.1:10809", "group": "kvm"}
     assert got["security"] == {"tls_cert": "/etc/t/node.crt", "tls_key": config.DEFAULT_TLS_KEY,
                                "tls_ca": "/etc/t/ca.crt", "secret_file": "/etc/t/web01.key",
                                "plaintext": False}

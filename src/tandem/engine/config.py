@@ -326,9 +326,13 @@ class NbdConfig:
 
     socket: str | None = None
     tcp: Address | None = None
+    #: Group that owns the Unix socket (mode 0660), e.g. "kvm" so that QEMU run by libvirt
+    #: (user libvirt-qemu, group kvm) can connect; None = root's group.
+    group: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"socket": self.socket, "tcp": None if self.tcp is None else str(self.tcp)}
+        return {"socket": self.socket, "tcp": None if self.tcp is None else str(self.tcp),
+                "group": self.group}
 
 
 def default_secret_file(resource: str) -> str:
@@ -409,7 +413,8 @@ _TOP_KEYS = ("resource", "protocol", "local_node", "nodes", "volumes", "tunables
 RP_STORAGES = ("delta", "reflink", "auto")
 _NODE_KEYS = ("name", "address")
 _VOLUME_KEYS = ("number", "path", "size", "export", "metadata")
-_NBD_KEYS = ("socket", "tcp")
+_NBD_KEYS = ("socket", "tcp", "group")
+GROUP_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _SECURITY_PATHS = ("tls_cert", "tls_key", "tls_ca", "secret_file")
 _SECURITY_KEYS = (*_SECURITY_PATHS, "plaintext")
 _TOP_HINTS = {
@@ -647,7 +652,13 @@ def _parse(ck: _Checker, data: Any, file_stem: str | None) -> ResourceConfig | N
         tcp = None
         if t.get("tcp") is not None:
             tcp = ck.address("nbd.tcp", t["tcp"], allow_unspecified=True)
-        nbd = NbdConfig(socket, tcp)
+        group = None
+        if t.get("group") is not None:
+            group = t["group"]
+            if not isinstance(group, str) or not GROUP_NAME.fullmatch(group):
+                ck.error("nbd.group", f"must be a group name ([a-z_][a-z0-9_-]*, at most 32), got {group!r}")
+                group = None
+        nbd = NbdConfig(socket, tcp, group)
 
     security = SecurityConfig()
     if top.get("security") is not None:
@@ -1047,6 +1058,8 @@ def _diff_resource(old: ResourceConfig, new: ResourceConfig, actions: list[Actio
         nbd["socket"] = _change(old.nbd.socket, new.nbd.socket)
     if old.nbd.tcp != new.nbd.tcp:
         nbd["tcp"] = _change(old.nbd.to_dict()["tcp"], new.nbd.to_dict()["tcp"])
+    if old.nbd.group != new.nbd.group:
+        nbd["group"] = _change(old.nbd.group, new.nbd.group)
     renamed = []
 
     for n in range(max(len(old.volumes), len(new.volumes))):

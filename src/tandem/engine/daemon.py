@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import grp
 import json
 import logging
 import os
@@ -132,6 +133,7 @@ class Daemon:
         await self._stopped.wait()
 
     async def _add(self, cfg) -> None:
+        gid = _group_id(cfg)                 # before anything starts: nothing to undo
         res = Resource(cfg, state_dir=self.state_dir, emit=self.emit)
         await res.start()
         exports = {v.export: VolumeExport(res, v.number, v.export) for v in cfg.volumes}
@@ -153,6 +155,8 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
         await server.start_unix(path, mode=0o660)
+        if gid is not None:
+            os.chown(path, -1, gid)
         if cfg.nbd.tcp is not None:
             await server.start_tcp(cfg.nbd.tcp.host, cfg.nbd.tcp.port)
         self.resources[cfg.name] = res
@@ -281,8 +285,11 @@ class Daemon:
                 await self._remove(name)
             elif "add-resource" in kinds:
                 await self._add(desired[name])
-            elif kinds <= {"change-tunables", "change-security"} and not any(
+            elif _online(kinds, [a for a in actions if a.resource == name]) and not any(
                     a.needs_down for a in actions if a.resource == name):
+                if "change-nbd" in kinds:          # the socket's group only (_online)
+                    gid = _group_id(desired[name])
+                    os.chown(self.nbd[name][1], -1, os.getgid() if gid is None else gid)
                 if "change-security" in kinds:
                     # New files first (SecurityError: nothing changed), then a reconnect.
                     await self.resources[name].change_security(desired[name])
@@ -308,6 +315,25 @@ class Daemon:
                 await _reply(writer, await q.get())
         finally:
             self.subscribers.discard(q)
+
+
+def _group_id(cfg) -> int | None:
+    """The gid of the resource's nbd.group, or None; StartError if the group does not exist here."""
+    if cfg.nbd.group is None:
+        return None
+    try:
+        return grp.getgrnam(cfg.nbd.group).gr_gid
+    except KeyError:
+        raise StartError(f"resource {cfg.name!r}: nbd.group {cfg.nbd.group!r} is not a group on this host") \
+            from None
+
+
+def _online(kinds: set[str], actions) -> bool:
+    """Changes a running resource takes without a restart: tunables, security files, and the
+    NBD socket's group (a chown)."""
+    if not kinds <= {"change-tunables", "change-security", "change-nbd"}:
+        return False
+    return all(set(a.detail) == {"group"} for a in actions if a.kind == "change-nbd")
 
 
 async def _reply(writer, obj: dict) -> None:
