@@ -14,12 +14,14 @@ include mk/package.mk
 
 # bench's recipes are in mk/bench.mk; they need fio/nbdkit and the venv.
 bench bench-faults: engine-deps $(VENV_STAMP)
+test-unit: engine-deps
 
 .PHONY: help test test-lab test-engine engine-deps soak molecule demo demo-down clean
 
 # Real NBD clients and servers the engine tests and benchmarks use; mkfs.xfs for the
-# reflink recovery point tests (an XFS with reflink=1 on a loop device).
-ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs
+# reflink recovery point tests (an XFS with reflink=1 on a loop device); ping for the
+# tandem_health unit tests. Unit tests need them too.
+ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping
 
 help:
 	@echo "make test        lint, ansible-test sanity, then unit + lab + molecule tests (pytest)"

@@ -44,7 +44,8 @@ def run(module_name, check=False, diff=True, expect_fail=False, **params):
     mp.setattr(basic.AnsibleModule, "exit_json", leave(False))
     mp.setattr(basic.AnsibleModule, "fail_json", leave(True))
     try:
-        args = {"uri": URI, **params, "_ansible_check_mode": check, "_ansible_diff": diff}
+        uri = {"uri": URI} if module_name.startswith("tandem_vm") else {}
+        args = {**uri, **params, "_ansible_check_mode": check, "_ansible_diff": diff}
         with patch_module_args(args), pytest.raises(Exit) as info:
             module.main()
     finally:
