@@ -17,7 +17,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 SIZE_RE = re.compile(r"^\s*(\d+)\s*(K|M|G|T|KiB|MiB|GiB|TiB)?\s*$")
 SIZE_UNITS = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
               "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables"}
+# nics: the VM's network interfaces at production, checked by network_plan (filter/network.py).
+VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables", "nics"}
 DISK_KEYS = {"size", "path", "export"}
 DEFAULT_VOLUME_DIR = "/srv/tandem"
 
