@@ -269,7 +269,7 @@ def _validate(mapping, vm_names=None):
             if other != name:
                 errors.append(f"{where}.{s}: {_iface_text(iface)} is already mapped by network {other}")
         mac = entry.get("mac_policy", default_mac)
-        if mac not in MAC_POLICIES:
+        if "mac_policy" in entry and mac not in MAC_POLICIES:
             errors.append(f"{where}.mac_policy: must be one of {', '.join(MAC_POLICIES)}, got {mac!r}")
         subnets = entry.get("subnets", [])
         if not isinstance(subnets, list):
@@ -579,7 +579,7 @@ def network_table(plan):
     for vm in plan:
         for nic in vm["nics"]:
             tgt = nic["target"]
-            mac = tgt["mac"] or "(libvirt picks)"
+            mac = tgt["mac"] or "(unchanged)"
             if nic["mac_policy"] == "generate":
                 mac += " (generated)"
             rows.append((vm["name"], str(nic["index"]), nic["network"], _end_text(nic["source"]),
