@@ -103,7 +103,7 @@ def _subnet_side(side, where, errors):
     _unknown(side, SUBNET_SIDE_KEYS, where, errors)
     cidr = side.get("cidr")
     try:
-        net = netaddr.IPNetwork(str(cidr), flags=netaddr.NOHOST) if isinstance(cidr, str) else None
+        net = netaddr.IPNetwork(str(cidr)) if isinstance(cidr, str) else None
     except (netaddr.AddrFormatError, ValueError):
         net = None
     if net is None or "/" not in cidr:
@@ -265,9 +265,10 @@ def _validate(mapping, vm_names=None):
             if iface is None:
                 continue
             key = (s, iface["type"], iface["source"], iface["vlan"])
-            other = sources.setdefault(key, name)
-            if other != name:
-                errors.append(f"{where}.{s}: {_iface_text(iface)} is already mapped by network {other}")
+            other = sources.setdefault(key, (i, name))
+            if other[0] != i:
+                errors.append(f"{where}.{s}: {_iface_text(iface)} is already mapped by "
+                              f"networks[{other[0]}] ({other[1]})")
         mac = entry.get("mac_policy", default_mac)
         if "mac_policy" in entry and mac not in MAC_POLICIES:
             errors.append(f"{where}.mac_policy: must be one of {', '.join(MAC_POLICIES)}, got {mac!r}")
@@ -402,8 +403,8 @@ def network_plan(vms, mapping, direction="failover"):
     src, dst = DIRECTIONS[direction]
     if not isinstance(vms, list):
         raise AnsibleFilterError("network plan: expected a list of VMs with name and nics")
-    names = [vm.get("name") for vm in vms if isinstance(vm, dict)]
-    norm, errors = _validate(mapping, names)
+    # Overrides may name VMs that are not in this run (a selection), so no vm_names here.
+    norm, errors = _validate(mapping)
     if errors:
         raise _problems("network mapping", errors)
     planned, pending = [], []
