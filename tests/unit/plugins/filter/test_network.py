@@ -11,6 +11,8 @@ import netaddr
 import pytest
 import yaml
 from ansible.errors import AnsibleFilterError
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ansible_collections.tandem.dr.plugins.filter import network
 
@@ -597,3 +599,30 @@ def test_shipped_files_map_both_ways(inventory):
         for nic_in, nic_back in zip(vm_in["nics"], vm_back["nics"], strict=True):
             if nic_back["ip_policy"] != "pool":
                 assert nic_back["target"]["ip"] == nic_in["ip"].split("/")[0]
+
+
+# -- property: same_offset round trip for any subnets the offset fits ------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    src_prefix=st.integers(min_value=16, max_value=30),
+    dst_prefix=st.integers(min_value=16, max_value=30),
+    src_net=st.integers(min_value=0, max_value=2**16 - 1),
+    dst_net=st.integers(min_value=0, max_value=2**16 - 1),
+    offset=st.integers(min_value=1, max_value=2**16 - 2),
+)
+def test_same_offset_round_trip_or_a_clear_refusal(src_prefix, dst_prefix, src_net, dst_net, offset):
+    src = netaddr.IPNetwork(f"10.{src_net >> 8}.{src_net & 255}.0/{src_prefix}").cidr
+    dst = netaddr.IPNetwork(f"172.{16 + (dst_net >> 12)}.{(dst_net >> 4) & 255}.0/{dst_prefix}").cidr
+    size = min(src.size, dst.size)
+    offset = offset % (size - 2) + 1  # a host address of both subnets
+    ip = str(netaddr.IPAddress(int(src.network) + offset))
+    m = mapping(subnet(str(src), str(dst)))
+    over = network.network_plan([vm("web01", ip)], m, "failover")
+    assert over[0]["nics"][0]["target"]["ip"] == str(netaddr.IPAddress(int(dst.network) + offset))
+    back = network.network_plan(over, m, "failback")
+    assert back[0]["nics"][0]["target"]["ip"] == ip
+    if src.size > dst.size:  # the same offset past the end of the smaller subnet is refused
+        far = str(netaddr.IPAddress(int(src.network) + dst.size))
+        assert "same_offset cannot map" in problems([vm("web01", far)], m)
