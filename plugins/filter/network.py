@@ -388,7 +388,7 @@ def _parse_nic(nic, where, errors):
     return ip, prefix, mac
 
 
-def network_plan(vms, mapping, direction="failover"):
+def network_plan(vms, mapping, direction="failover", home=None):
     """Map every NIC of every VM to the other site.
 
     vms: [{name, nics: [{network, ip, prefix, mac}]}] (the protection group's VMs, or the
@@ -397,6 +397,8 @@ def network_plan(vms, mapping, direction="failover"):
     network, ip_policy, mac_policy, reason, source: {...}, target: {...}}]} where source and
     target are {network, interface, ip, prefix, cidr, gateway, dns, mac}. Pool addresses are
     allocated for all the VMs at once, so no two NICs get the same address.
+    home: the VMs with their NICs at production (the protection group's VMs); on failback a
+    pool NIC goes back to its production address when it is free.
     """
     if direction not in DIRECTIONS:
         raise AnsibleFilterError(f"network plan: direction must be failover or failback, got {direction!r}")
@@ -431,7 +433,7 @@ def network_plan(vms, mapping, direction="failover"):
                 pending.append(mapped)
         planned.append(out)
     if not errors:
-        _allocate_pools(planned, pending, dst, errors)
+        _allocate_pools(planned, pending, dst, _home_addresses(home) if dst == "production" else {}, errors)
     if not errors:
         _check_collisions(planned, src, dst, errors)
     if errors:
@@ -512,16 +514,48 @@ def _map_nic(norm, vm, index, nic, parsed, src, dst, where, errors):
     return result
 
 
-def _allocate_pools(planned, pending, dst, errors):
+def _home_addresses(home):
+    """{(vm, nic index): address} of the VMs' NICs at production; what does not parse is
+    left out (network_plan of those VMs reports it)."""
+    out = {}
+    for vm in home if isinstance(home, list) else []:
+        nics = vm.get("nics") if isinstance(vm, dict) else None
+        for index, nic in enumerate(nics if isinstance(nics, list) else []):
+            ip = nic.get("ip") if isinstance(nic, dict) else None
+            try:
+                out[(vm.get("name"), index)] = netaddr.IPAddress(str(ip).split("/", 1)[0])
+            except (netaddr.AddrFormatError, ValueError, TypeError):
+                continue
+    return out
+
+
+def _allocate_pools(planned, pending, dst, home, errors):
     """Give each pool NIC a free address of its target pool: never the network, broadcast,
-    gateway, a DNS server, a reserved address or an address another NIC gets."""
+    gateway, a DNS server, a reserved address or an address another NIC gets. A NIC whose
+    `home` address (on failback, its production address) is in the target subnet and free
+    gets it back, before any NIC is given a pool slot."""
     taken = netaddr.IPSet(n["target"]["ip"] for vm in planned for n in vm["nics"] if n["target"]["ip"])
+
+    def unusable(side):
+        return (taken | netaddr.IPSet(side["dns"]) | netaddr.IPSet(side["reserved"])
+                | netaddr.IPSet([side["gateway"]] if side["gateway"] else [])
+                | netaddr.IPSet(_reserved_in(side["cidr"])))
+
     # Sorted by VM and NIC, so the result does not depend on the order of the VMs given.
-    for nic in sorted(pending, key=lambda n: (n["_vm"], n["index"])):
+    pending = sorted(pending, key=lambda n: (n["_vm"], n["index"]))
+    for nic in pending:
+        side = nic["_subnet"][dst]
+        back = home.get((nic["_vm"], nic["index"]))
+        if back is not None and back in side["cidr"] and back not in unusable(side):
+            taken.add(back)
+            nic["target"]["ip"] = back
+            nic["reason"] = f"pool {nic['source']['ip']} -> {back} (its production address)"
+    for nic in pending:
+        if nic["target"]["ip"] is not None:
+            continue
         sub = nic["_subnet"]
         side, pool = sub[dst], sub["pool"][dst]
-        free = (pool - taken - netaddr.IPSet(side["dns"]) - netaddr.IPSet(side["reserved"])
-                - netaddr.IPSet([side["gateway"]] if side["gateway"] else []))
+        free = pool - unusable(side)
         if not free:
             errors.append(f"{nic['_vm']} nic {nic['index']}: the {dst} pool of {sub['name']} is exhausted "
                           f"({pool.size} addresses, all taken)")

@@ -271,6 +271,33 @@ def test_pool_leaves_out_the_network_address():
     assert "exhausted" in problems(pool_vms(4), m)
 
 
+def test_pool_failback_goes_home_when_the_production_address_is_free():
+    m = pool_mapping("10.1.0.10-10.1.0.19")
+    group = [vm("web01", "10.0.0.5"), vm("db01", "10.0.0.6")]
+    over = network.network_plan(group, m, "failover")
+    # Without the production addresses, failback can only take free slots of the production pool.
+    blind = targets(network.network_plan(over, m, "failback"))
+    assert all(netaddr.IPAddress(ip) in netaddr.IPRange("10.0.0.100", "10.0.0.199") for ip in blind.values())
+    back = network.network_plan(over, m, "failback", group)
+    assert targets(back) == {("web01", 0): "10.0.0.5", ("db01", 0): "10.0.0.6"}
+    assert back[0]["nics"][0]["reason"].endswith("-> 10.0.0.5 (its production address)")
+    # On failover the home addresses change nothing.
+    assert targets(network.network_plan(group, m, "failover", group)) == targets(over)
+
+
+def test_pool_failback_home_address_taken_by_another_vm_falls_back_to_the_pool():
+    m = pool_mapping("10.1.0.10-10.1.0.19")
+    m["networks"][0]["subnets"][0]["overrides"] = [
+        {"vm": "fixed", "production": "10.0.0.5", "dr": "10.1.0.99"}
+    ]
+    over = network.network_plan([vm("web01", "10.0.0.7")], m, "failover")
+    # The group says web01 lived at 10.0.0.5, but the override gives that address to "fixed".
+    back = network.network_plan([*over, vm("fixed", "10.1.0.99")], m, "failback", [vm("web01", "10.0.0.5")])
+    got = targets(back)
+    assert got[("fixed", 0)] == "10.0.0.5"
+    assert netaddr.IPAddress(got[("web01", 0)]) in netaddr.IPRange("10.0.0.100", "10.0.0.199")
+
+
 def test_ipv6_pool():
     m = mapping(
         subnet(
