@@ -84,6 +84,7 @@ def _interface(side, where, errors):
     if len(kinds) != 1:
         errors.append(f"{where}: give exactly one of 'network' (libvirt network) or 'bridge'")
         return None
+    before = len(errors)
     source = side[kinds[0]]
     if not isinstance(source, str) or not NAME_RE.match(source):
         errors.append(f"{where}.{kinds[0]}: {source!r} must match {NAME_RE.pattern}")
@@ -93,6 +94,8 @@ def _interface(side, where, errors):
             errors.append(f"{where}.vlan: must be an integer 1-4094, got {vlan!r}")
         elif kinds[0] != "bridge":
             errors.append(f"{where}.vlan: a VLAN needs its parent 'bridge', not a libvirt network")
+    if len(errors) > before:
+        return None
     return {"type": kinds[0], "source": source, "vlan": vlan}
 
 
@@ -212,9 +215,10 @@ def _subnet(sub, where, vm_names, errors):
             errors.append(f"{owhere}.vm: {vm} is not a VM of the protection group")
         if nic is not None and (isinstance(nic, bool) or not isinstance(nic, int) or nic < 0):
             errors.append(f"{owhere}.nic: must be a NIC index (0, 1, ...), got {nic!r}")
-        if (vm, nic) in seen:
-            errors.append(f"{owhere}: a second override for {vm} nic {nic}")
-        seen.add((vm, nic))
+        key = (repr(vm), repr(nic))  # repr: whatever the YAML held, it can be a set member
+        if key in seen:
+            errors.append(f"{owhere}: a second override for {vm} nic {'(any)' if nic is None else nic}")
+        seen.add(key)
         ips = {}
         for s in SIDES:
             ip = _ip(ov.get(s), f"{owhere}.{s}", errors)
@@ -222,6 +226,9 @@ def _subnet(sub, where, vm_names, errors):
                 errors.append(f"{owhere}.{s}: {ip} is not a host address of {nets[s]}")
             elif ip is not None and sides[s] and ip == sides[s]["gateway"]:
                 errors.append(f"{owhere}.{s}: {ip} is the gateway of {nets[s]}")
+            elif ip is not None and (s, ip) in seen:
+                errors.append(f"{owhere}.{s}: {ip} is already the {s} address of another override")
+            seen.add((s, ip))
             ips[s] = ip
         overrides.append({"vm": vm, "nic": nic, **ips})
     if not both:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from pathlib import Path
@@ -505,6 +506,39 @@ BAD_MAPPINGS = [
         ),
         "nope is not a VM of the protection group",
     ),
+    (
+        "two overrides, one address",
+        mapping(
+            subnet(
+                "10.0.0.0/24",
+                "10.1.0.0/24",
+                overrides=[
+                    {"vm": "web01", "production": "10.0.0.5", "dr": "10.1.0.9"},
+                    {"vm": "db01", "production": "10.0.0.6", "dr": "10.1.0.9"},
+                ],
+            )
+        ),
+        "overrides[1].dr: 10.1.0.9 is already the dr address of another override",
+    ),
+    (
+        "override twice",
+        mapping(
+            subnet(
+                "10.0.0.0/24",
+                "10.1.0.0/24",
+                overrides=[
+                    {"vm": "web01", "production": "10.0.0.5", "dr": "10.1.0.9"},
+                    {"vm": "web01", "production": "10.0.0.7", "dr": "10.1.0.7"},
+                ],
+            )
+        ),
+        "overrides[1]: a second override for web01 nic (any)",
+    ),
+    (
+        "override vm not a name",
+        mapping(subnet("10.0.0.0/24", "10.1.0.0/24", overrides=[{"vm": ["x"], "nic": [0], "dr": 1}])),
+        "overrides[0].vm: must name a VM",
+    ),
     ("subnets not a list", mapping(subnets="10.0.0.0/24"), "subnets: expected a list"),
     ("unknown subnet key", mapping(subnet("10.0.0.0/24", "10.1.0.0/24", policy="x")), "unknown keys policy"),
 ]
@@ -653,3 +687,114 @@ def test_same_offset_round_trip_or_a_clear_refusal(src_prefix, dst_prefix, src_n
     if src.size > dst.size:  # the same offset past the end of the smaller subnet is refused
         far = str(netaddr.IPAddress(int(src.network) + dst.size))
         assert "same_offset cannot map" in problems([vm("web01", far)], m)
+
+
+# -- hostile input: any YAML-shaped value is refused with AnsibleFilterError, never a crash -----
+
+YAMLISH = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-5, 5000)
+    | st.sampled_from(
+        [
+            "",
+            "prod",
+            "br0",
+            "10.0.0.0/24",
+            "10.0.0.5",
+            "10.1.0.0/24",
+            "2001:db8::/64",
+            "pool",
+            "keep",
+            "generate",
+            "10.0.0.1-10.0.0.9",
+            "52:54:00:00:00:01",
+            "x/33",
+        ]
+    ),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "name",
+                    "networks",
+                    "production",
+                    "dr",
+                    "subnets",
+                    "cidr",
+                    "gateway",
+                    "dns",
+                    "ip_policy",
+                    "pool",
+                    "overrides",
+                    "vm",
+                    "nic",
+                    "bridge",
+                    "network",
+                    "vlan",
+                    "mac_policy",
+                    "ip",
+                    "nics",
+                    "mac",
+                    "prefix",
+                    "reserved",
+                ]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(m=YAMLISH, vms=YAMLISH)
+def test_hostile_input_is_refused_cleanly(m, vms):
+    for call in (
+        lambda: network.network_mapping(m, ["web01"]),
+        lambda: network.network_plan(vms if isinstance(vms, list) else [vms], m, "failover"),
+    ):
+        with contextlib.suppress(AnsibleFilterError):
+            call()
+
+
+def _paths(node, path=()):
+    yield path
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield from _paths(child, (*path, key))
+
+
+def _replaced(root, path, value):
+    root = copy.deepcopy(root)
+    if not path:
+        return value
+    node = root
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return root
+
+
+HOSTILE = [None, True, 0, -1, 70000, "", "x", "10.0.0.0/8", "::", [], [None], {}, {"x": 1}]
+
+
+def test_every_value_of_the_example_replaced_by_junk_is_refused_or_still_valid():
+    """Each value of the example mapping, in turn, replaced by each hostile value: the filters
+    either accept the result or refuse it with AnsibleFilterError; nothing else escapes."""
+    example = yaml.safe_load((ROOT / "inventories/example/network_mapping.yml").read_text())
+    m = example["tandem_network_mapping"]
+    group = yaml.safe_load((ROOT / "inventories/example/protection_group.yml").read_text())
+    vms = group["tandem_protection_group"]["vms"]
+    refused = 0
+    cases = [(_replaced(m, path, junk), vms) for path in _paths(m) for junk in HOSTILE]
+    cases += [(m, _replaced(vms, path, junk)) for path in _paths(vms) for junk in HOSTILE]
+    for mapping_, vms_ in cases:
+        try:
+            over = network.network_plan(vms_, mapping_, "failover")
+            network.network_table(network.network_plan(over, mapping_, "failback", vms_))
+        except AnsibleFilterError:
+            refused += 1
+    assert refused > 100

@@ -3,6 +3,7 @@ forward references, no cycles), the start order, and bad shapes with their place
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -231,3 +232,35 @@ def test_shipped_plans_start_the_database_first(inventory):
     first, second = got["order"]
     assert got["vms"][second]["depends_on"] == [first]
     assert got["vms"][first]["batch"] < got["vms"][second]["batch"]
+
+
+HOSTILE = [None, True, 0, -1, 70000, "", "x", "db01", [], [None], ["web01"], {}, {"x": 1}]
+
+
+def _paths(node, path=()):
+    yield path
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, child in items:
+        yield from _paths(child, (*path, key))
+
+
+def test_every_value_of_the_example_replaced_by_junk_is_refused_or_still_valid():
+    example = yaml.safe_load((ROOT / "inventories/example/recovery_plan.yml").read_text())[
+        "tandem_recovery_plan"
+    ]
+    refused = 0
+    for path in _paths(example):
+        for junk in HOSTILE:
+            p = copy.deepcopy(example)
+            if path:
+                node = p
+                for key in path[:-1]:
+                    node = node[key]
+                node[path[-1]] = junk
+            else:
+                p = junk
+            try:
+                recovery.recovery_plan(p, ["db01", "web01"], HOSTS)
+            except AnsibleFilterError:
+                refused += 1
+    assert refused > 50
