@@ -64,7 +64,8 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
     """Validate a protection group and return one normalised plan entry per selected VM.
 
     Each entry: name, production, dr, hosts, port, protocol, tunables, volumes
-    (path, size in bytes, export) and nodes ({name, address} for both hosts).
+    (path, size in bytes, export), nodes ({name, address} for both hosts) and nics
+    (as given, for network_plan).
     Raises AnsibleFilterError listing every problem found.
     """
     errors = []
@@ -139,6 +140,8 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
             "name": name, "production": hosts[0], "dr": hosts[1], "hosts": hosts, "port": port,
             "protocol": protocol, "tunables": dict(tunables), "volumes": volumes,
             "nodes": [{"name": h, "address": _address(hostvars, h, port)} for h in hosts],
+            # As given: network_plan (filter/network.py) checks them against the mapping.
+            "nics": list(vm.get("nics") or []),
         })
     selected = _select([vm.get("name") for vm in vms if isinstance(vm, dict)], selection, errors)
     if errors:

@@ -17,13 +17,8 @@ HYPERVISORS = ["hv-a1", "hv-b1", "hv-c1"]
 
 
 def vm(**over):
-    base = {
-        "name": "web01",
-        "production": "hv-a1",
-        "dr": "hv-b1",
-        "port": 7800,
-        "disks": [{"size": "256MiB"}],
-    }
+    base = {"name": "web01", "production": "hv-a1", "dr": "hv-b1", "port": 7800,
+            "disks": [{"size": "256MiB"}]}
     base.update(over)
     return base
 
@@ -35,20 +30,21 @@ def plan(*vms, selection=None):
 def test_plan_normalises_one_vm():
     (p,) = plan(vm(tunables={"sync_timeout": 2}))
     assert p == {
-        "name": "web01",
-        "production": "hv-a1",
-        "dr": "hv-b1",
-        "hosts": ["hv-a1", "hv-b1"],
-        "port": 7800,
-        "protocol": "C",
-        "tunables": {"sync_timeout": 2},
-        "volumes": [{"path": "/srv/tandem/web01/disk0.img", "size": 256 << 20, "export": "web01/disk0"}],
+        "name": "web01", "production": "hv-a1", "dr": "hv-b1", "hosts": ["hv-a1", "hv-b1"], "port": 7800,
+        "protocol": "C", "tunables": {"sync_timeout": 2},
+        "volumes": [{"path": "/srv/tandem/web01/disk0.img", "size": 256 << 20,
+                     "export": "web01/disk0"}],
         # The replication address wins over ansible_host; without it ansible_host is used.
-        "nodes": [
-            {"name": "hv-a1", "address": "10.202.110.11:7800"},
-            {"name": "hv-b1", "address": "10.202.20.11:7800"},
-        ],
+        "nodes": [{"name": "hv-a1", "address": "10.202.110.11:7800"},
+                  {"name": "hv-b1", "address": "10.202.20.11:7800"}],
+        "nics": [],
     }
+
+
+def test_nics_are_passed_through_for_the_network_plan():
+    nics = [{"network": "prod", "ip": "192.168.10.11/24"}]
+    (p,) = plan(vm(nics=nics))
+    assert p["nics"] == nics
 
 
 def test_ipv6_replication_address_is_bracketed():
@@ -106,16 +102,10 @@ def test_group_shape(group):
         protection.protection_plan(group, HOSTVARS, HYPERVISORS)
 
 
-@pytest.mark.parametrize(
-    "selection, expected",
-    [
-        (None, ["web01", "db01"]),
-        ("all", ["web01", "db01"]),
-        ("db01", ["db01"]),
-        ("db01, web01", ["web01", "db01"]),
-        (["web01"], ["web01"]),
-    ],
-)
+@pytest.mark.parametrize("selection, expected", [
+    (None, ["web01", "db01"]), ("all", ["web01", "db01"]), ("db01", ["db01"]),
+    ("db01, web01", ["web01", "db01"]), (["web01"], ["web01"]),
+])
 def test_selection(selection, expected):
     got = plan(vm(), vm(name="db01", port=7801), selection=selection)
     assert [p["name"] for p in got] == expected
@@ -127,53 +117,31 @@ def test_unknown_selection_is_an_error():
 
 
 def status(role, disk="UpToDate", **over):
-    s = {
-        "name": "web01",
-        "role": role,
-        "connection": "Connected",
-        "peer_role": "Secondary",
-        "in_sync": True,
-        "degraded": None,
-        "rpo": {"bytes": 0, "seconds": 0.0},
-        "volumes": [{"disk": disk, "replication": "Established"}],
-        "recovery_points": {"count": 1, "last": {"id": "rp1", "age_seconds": 42.4, "reason": "periodic"}},
-    }
+    s = {"name": "web01", "role": role, "connection": "Connected", "peer_role": "Secondary",
+         "in_sync": True, "degraded": None, "rpo": {"bytes": 0, "seconds": 0.0},
+         "volumes": [{"disk": disk, "replication": "Established"}],
+         "recovery_points": {"count": 1, "last": {"id": "rp1", "age_seconds": 42.4, "reason": "periodic"}}}
     s.update(over)
     return s
 
 
-@pytest.mark.parametrize(
-    "st, word",
-    [
-        (None, "unknown"),
-        (status("Primary"), "in-sync"),
-        (status("Primary", in_sync=False, degraded={"kind": "peer-timeout"}), "degraded"),
-        (
-            status("Primary", in_sync=False, volumes=[{"replication": "SyncSource", "sync_percent": 12.5}]),
-            "syncing 12.5%",
-        ),
-        (status("Primary", in_sync=False, connection="StandAlone", volumes=[]), "standalone"),
-    ],
-)
+@pytest.mark.parametrize("st, word", [
+    (None, "unknown"),
+    (status("Primary"), "in-sync"),
+    (status("Primary", in_sync=False, degraded={"kind": "peer-timeout"}), "degraded"),
+    (status("Primary", in_sync=False, volumes=[{"replication": "SyncSource", "sync_percent": 12.5}]),
+     "syncing 12.5%"),
+    (status("Primary", in_sync=False, connection="StandAlone", volumes=[]), "standalone"),
+])
 def test_replication_state(st, word):
     assert protection.replication_state(st) == word
 
 
 def test_table_rows_and_unreachable_site():
     (p,) = plan(vm())
-    hostvars = {
-        "hv-a1": {
-            "tandem_status": {
-                "web01": status(
-                    "Primary",
-                    rpo={"bytes": 4096, "seconds": 1.5},
-                    in_sync=False,
-                    degraded={"kind": "link-lost"},
-                )
-            }
-        },
-        "hv-b1": {},
-    }
+    hostvars = {"hv-a1": {"tandem_status": {"web01": status("Primary", rpo={"bytes": 4096, "seconds": 1.5},
+                                                            in_sync=False, degraded={"kind": "link-lost"})}},
+                "hv-b1": {}}
     rows = protection.status_rows([p], hostvars, notes={"web01": "hello"})
     assert rows[0]["dr_status"] is None
     lines = protection.vm_table(rows)
