@@ -108,11 +108,22 @@ tandem_recovery_plan:
 def test_bad_files_fail_with_every_problem_listed(tmp_path):
     (tmp_path / "map.yml").write_text(BAD_MAPPING)
     (tmp_path / "plan.yml").write_text(BAD_PLAN)
-    rc, tasks, _stats = run(tmp_path, "--check", mapping=tmp_path / "map.yml", plan=tmp_path / "plan.yml")
+    group = (EXAMPLE / "protection_group.yml").read_text().replace("port: 7802", "port: 7801")
+    (tmp_path / "group.yml").write_text(group)
+    rc, tasks, _stats = run(
+        tmp_path,
+        "--check",
+        group=tmp_path / "group.yml",
+        mapping=tmp_path / "map.yml",
+        plan=tmp_path / "plan.yml",
+    )
     assert rc == 2
     failure = tasks["Validate | every problem found"]
     assert failure["failed"] is True
     assert failure["msg"] == [
+        f"{tmp_path / 'group.yml'}: protection group: 2 problem(s):",
+        "vms[1] (db01): port 7801 on kvm-a1 is already used by web01",
+        "vms[1] (db01): port 7801 on kvm-b1 is already used by web01",
         f"{tmp_path / 'map.yml'}: network mapping: 4 problem(s):",
         "networks[0] (prod).production.vlan: must be an integer 1-4094, got 5000",
         "networks[0] (prod).dr: give exactly one of 'network' (libvirt network) or 'bridge'",
