@@ -17,7 +17,8 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 SIZE_RE = re.compile(r"^\s*(\d+)\s*(K|M|G|T|KiB|MiB|GiB|TiB)?\s*$")
 SIZE_UNITS = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
               "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
-VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables"}
+# nics: the VM's network interfaces at production, checked by network_plan (filter/network.py).
+VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables", "nics"}
 DISK_KEYS = {"size", "path", "export"}
 DEFAULT_VOLUME_DIR = "/srv/tandem"
 
@@ -63,7 +64,8 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
     """Validate a protection group and return one normalised plan entry per selected VM.
 
     Each entry: name, production, dr, hosts, port, protocol, tunables, volumes
-    (path, size in bytes, export) and nodes ({name, address} for both hosts).
+    (path, size in bytes, export), nodes ({name, address} for both hosts) and nics
+    (as given, for network_plan).
     Raises AnsibleFilterError listing every problem found.
     """
     errors = []
@@ -138,6 +140,8 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
             "name": name, "production": hosts[0], "dr": hosts[1], "hosts": hosts, "port": port,
             "protocol": protocol, "tunables": dict(tunables), "volumes": volumes,
             "nodes": [{"name": h, "address": _address(hostvars, h, port)} for h in hosts],
+            # As given: network_plan (filter/network.py) checks them against the mapping.
+            "nics": list(vm.get("nics") or []),
         })
     selected = _select([vm.get("name") for vm in vms if isinstance(vm, dict)], selection, errors)
     if errors:

@@ -37,7 +37,14 @@ def test_plan_normalises_one_vm():
         # The replication address wins over ansible_host; without it ansible_host is used.
         "nodes": [{"name": "hv-a1", "address": "10.202.110.11:7800"},
                   {"name": "hv-b1", "address": "10.202.20.11:7800"}],
+        "nics": [],
     }
+
+
+def test_nics_are_passed_through_for_the_network_plan():
+    nics = [{"network": "prod", "ip": "192.168.10.11/24"}]
+    (p,) = plan(vm(nics=nics))
+    assert p["nics"] == nics
 
 
 def test_ipv6_replication_address_is_bracketed():
