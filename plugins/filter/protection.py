@@ -18,7 +18,9 @@ SIZE_RE = re.compile(r"^\s*(\d+)\s*(K|M|G|T|KiB|MiB|GiB|TiB)?\s*$")
 SIZE_UNITS = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
               "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 # nics: the VM's network interfaces at production, checked by network_plan (filter/network.py).
-VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables", "nics"}
+# domain: a VM that Tandem DR defines in libvirt (roles/vm's template input: memory_mib, vcpus,
+# kernel, initrd, cmdline); convert: an existing libvirt domain whose disks are moved onto tandemd.
+VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables", "nics", "domain", "convert"}
 DISK_KEYS = {"size", "path", "export"}
 DEFAULT_VOLUME_DIR = "/srv/tandem"
 
@@ -134,6 +136,11 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
                 errors.append(f"{dwhere}: path must be absolute, got {path!r}")
             volumes.append({"path": str(path), "size": size,
                             "export": str(disk.get("export") or f"{name}/disk{d}")})
+        if vm.get("domain") is not None and not isinstance(vm.get("domain"), dict):
+            errors.append(f"{where}: domain must be a mapping (memory_mib, vcpus, kernel, initrd, cmdline)")
+        if vm.get("domain") is not None and vm.get("convert"):
+            errors.append(f"{where}: domain (a VM Tandem DR defines) and convert (an existing domain) "
+                          "exclude each other")
         if errors:
             continue
         plan.append({
@@ -142,6 +149,8 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
             "nodes": [{"name": h, "address": _address(hostvars, h, port)} for h in hosts],
             # As given: network_plan (filter/network.py) checks them against the mapping.
             "nics": list(vm.get("nics") or []),
+            **({"domain": dict(vm["domain"])} if isinstance(vm.get("domain"), dict) else {}),
+            "convert": bool(vm.get("convert")),
         })
     selected = _select([vm.get("name") for vm in vms if isinstance(vm, dict)], selection, errors)
     if errors:

@@ -38,6 +38,7 @@ def test_plan_normalises_one_vm():
         "nodes": [{"name": "hv-a1", "address": "10.202.110.11:7800"},
                   {"name": "hv-b1", "address": "10.202.20.11:7800"}],
         "nics": [],
+        "convert": False,
     }
 
 
@@ -150,3 +151,14 @@ def test_table_rows_and_unreachable_site():
     assert "hv-b1 unreachable" in lines[1]
     assert "degraded" in lines[1] and "4.0 KiB / 1.5s" in lines[1]
     assert "42s ago" in lines[1] and lines[1].endswith("hello")
+
+
+def test_domain_and_convert():
+    (p,) = plan(vm(domain={"memory_mib": 128}))
+    assert p["domain"] == {"memory_mib": 128} and p["convert"] is False
+    (p,) = plan(vm(convert=True))
+    assert "domain" not in p and p["convert"] is True
+    with pytest.raises(AnsibleFilterError, match="domain must be a mapping"):
+        plan(vm(domain="big"))
+    with pytest.raises(AnsibleFilterError, match="exclude each other"):
+        plan(vm(domain={}, convert=True))

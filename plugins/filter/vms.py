@@ -1,0 +1,92 @@
+# Copyright (c) Tandem DR maintainers
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+"""From a protected VM (the protection_plan filter) and its NICs on one side of the network
+mapping (a NIC's `source` or `target` from the network_plan filter) to what the tandem.dr.vm
+role gives libvirt and the guest: the domain template's input, the interfaces tandem_vm sets,
+the NBD disks, and the NoCloud seed."""
+
+from __future__ import annotations
+
+from ansible.errors import AnsibleFilterError
+
+TARGETS = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+
+
+def _interface(nic, where):
+    iface = (nic or {}).get("interface") or {}
+    kind, source = iface.get("type"), iface.get("source")
+    if kind not in ("network", "bridge") or not source:
+        raise AnsibleFilterError(f"{where}: expected a NIC side of network_plan with interface "
+                                 f"{{type: network|bridge, source}}, got {nic!r}")
+    out = {kind: source}
+    if iface.get("vlan") is not None:
+        out["vlan"] = int(iface["vlan"])
+    return out
+
+
+def vm_interfaces(site_nics):
+    """tandem_vm's `interfaces`: per NIC, in order, its network or bridge, VLAN and MAC."""
+    out = []
+    for i, nic in enumerate(site_nics or []):
+        entry = _interface(nic, f"nic {i}")
+        if nic.get("mac"):
+            entry["mac"] = str(nic["mac"]).lower()
+        out.append(entry)
+    return out
+
+
+def vm_nbd_disks(vm, socket_dir="/run/tandem", exports=None):
+    """tandem_vm's `nbd_disks`: vda, vdb, ... on the VM's tandemd socket. `exports` replaces the
+    volumes' export names (e.g. a drill clone's `<export>@clone-<name>`)."""
+    names = exports or [v["export"] for v in vm["volumes"]]
+    socket = f"{socket_dir}/{vm['name']}.nbd"
+    return [{"target": TARGETS[i], "socket": socket, "export": e} for i, e in enumerate(names)]
+
+
+def vm_domain(vm, site_nics, vm_dir="/var/lib/tandem/vms", socket_dir="/run/tandem", name=None,
+              exports=None):
+    """The input of the role's libvirt-domain.xml.j2 for a VM that Tandem DR defines (it has a
+    `domain` in the protection group): hardware from there, disks on tandemd, the seed drive,
+    NICs on this side of the mapping. `name`: the domain name (a drill copy's differs)."""
+    spec = vm.get("domain")
+    if not isinstance(spec, dict):
+        raise AnsibleFilterError(f"VM {vm.get('name')}: no 'domain' in the protection group; "
+                                 "an existing libvirt domain is converted instead")
+    name = name or vm["name"]
+    return {**spec, "name": name,
+            "disks": [{"socket": d["socket"], "export": d["export"]}
+                      for d in vm_nbd_disks(vm, socket_dir, exports)],
+            "seed": f"{vm_dir}/{name}/seed.img", "console_log": f"{vm_dir}/{name}/console.log",
+            "nics": vm_interfaces(site_nics)}
+
+
+def vm_seed(vm, site_nics, name=None):
+    """The NoCloud seed of the role's seed templates: instance id and hostname, and per NIC its
+    static address, gateway and DNS on this side of the mapping (DHCP NICs are left out)."""
+    name = name or vm["name"]
+    nics = []
+    for i, nic in enumerate(site_nics or []):
+        if not nic.get("ip"):
+            continue
+        entry = {"name": f"eth{i}", "addresses": [f"{nic['ip']}/{nic['prefix']}"],
+                 "gateway": str(nic["gateway"]) if nic.get("gateway") else None,
+                 "dns": [str(d) for d in nic.get("dns") or []]}
+        if nic.get("mac"):
+            entry["mac"] = str(nic["mac"]).lower()
+        nics.append(entry)
+    return {"instance_id": name, "hostname": vm["name"], "nics": nics}
+
+
+def vm_address(site_nics):
+    """The VM's first static address on this side (what health checks use), or None."""
+    for nic in site_nics or []:
+        if nic.get("ip"):
+            return str(nic["ip"])
+    return None
+
+
+class FilterModule:
+    def filters(self):
+        return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks, "vm_domain": vm_domain,
+                "vm_seed": vm_seed, "vm_address": vm_address}

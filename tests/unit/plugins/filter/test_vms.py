@@ -1,0 +1,93 @@
+"""The vms filters: from a protected VM and one side of its network plan to the domain
+template's input, tandem_vm's interfaces and disks, and the NoCloud seed. Run on the real
+outputs of protection_plan and network_plan for the lab files, so a change of shape there
+fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ansible.errors import AnsibleFilterError
+
+from ansible_collections.tandem.dr.plugins.filter import network, protection, vms
+
+ROOT = Path(__file__).resolve().parents[4]
+
+GROUP = {"name": "g", "vms": [{
+    "name": "app01", "production": "hv-a1", "dr": "hv-b1", "port": 7811,
+    "disks": [{"size": "64MiB"}, {"size": "64MiB", "export": "app01-data"}],
+    "nics": [{"network": "guests", "ip": "192.168.10.11/24", "mac": "52:54:00:0A:00:11"}],
+    "domain": {"memory_mib": 128, "kernel": "/k", "initrd": "/i"},
+}]}
+MAPPING = {"mac_policy": "keep", "networks": [{
+    "name": "guests", "production": {"bridge": "tdr-guest"}, "dr": {"bridge": "tdr-guest", "vlan": 20},
+    "subnets": [{"production": {"cidr": "192.168.10.0/24", "gateway": "192.168.10.1"},
+                 "dr": {"cidr": "192.168.20.0/24", "gateway": "192.168.20.1", "dns": ["192.168.20.53"]},
+                 "ip_policy": "same_offset"}]}]}
+HOSTVARS = {"hv-a1": {"ansible_host": "10.0.0.1"}, "hv-b1": {"ansible_host": "10.0.0.2"}}
+
+
+@pytest.fixture
+def vm_and_sides():
+    (vm,) = protection.protection_plan(GROUP, HOSTVARS, ["hv-a1", "hv-b1"])
+    (entry,) = network.network_plan([vm], MAPPING, "failover")
+    return vm, [n["source"] for n in entry["nics"]], [n["target"] for n in entry["nics"]]
+
+
+def test_domain_at_each_side(vm_and_sides):
+    vm, production, dr = vm_and_sides
+    at_a = vms.vm_domain(vm, production)
+    assert at_a["name"] == "app01" and at_a["memory_mib"] == 128 and at_a["kernel"] == "/k"
+    assert at_a["disks"] == [{"socket": "/run/tandem/app01.nbd", "export": "app01/disk0"},
+                             {"socket": "/run/tandem/app01.nbd", "export": "app01-data"}]
+    assert at_a["nics"] == [{"bridge": "tdr-guest", "mac": "52:54:00:0a:00:11"}]
+    assert at_a["seed"] == "/var/lib/tandem/vms/app01/seed.img"
+    at_b = vms.vm_domain(vm, dr)
+    assert at_b["nics"] == [{"bridge": "tdr-guest", "vlan": 20, "mac": "52:54:00:0a:00:11"}]
+    drill = vms.vm_domain(vm, dr, name="app01-drill", exports=["app01/disk0@clone-d", "app01-data@clone-d"])
+    assert drill["name"] == "app01-drill" and drill["seed"] == "/var/lib/tandem/vms/app01-drill/seed.img"
+    assert [d["export"] for d in drill["disks"]] == ["app01/disk0@clone-d", "app01-data@clone-d"]
+
+
+def test_seed_carries_this_sides_address_gateway_and_dns(vm_and_sides):
+    vm, production, dr = vm_and_sides
+    assert vms.vm_seed(vm, production) == {"instance_id": "app01", "hostname": "app01", "nics": [
+        {"name": "eth0", "addresses": ["192.168.10.11/24"], "gateway": "192.168.10.1", "dns": [],
+         "mac": "52:54:00:0a:00:11"}]}
+    seed = vms.vm_seed(vm, dr, name="app01-drill")
+    assert seed["instance_id"] == "app01-drill" and seed["hostname"] == "app01"
+    (nic,) = seed["nics"]
+    assert nic["addresses"] == ["192.168.20.11/24"] and nic["dns"] == ["192.168.20.53"]
+    assert vms.vm_address(production) == "192.168.10.11" and vms.vm_address(dr) == "192.168.20.11"
+
+
+def test_nbd_disks_and_interfaces_for_tandem_vm(vm_and_sides):
+    vm, _production, dr = vm_and_sides
+    assert vms.vm_nbd_disks(vm, "/run/x") == [
+        {"target": "vda", "socket": "/run/x/app01.nbd", "export": "app01/disk0"},
+        {"target": "vdb", "socket": "/run/x/app01.nbd", "export": "app01-data"}]
+    assert vms.vm_interfaces(dr) == [{"bridge": "tdr-guest", "vlan": 20, "mac": "52:54:00:0a:00:11"}]
+
+
+def test_a_vm_without_domain_or_a_bad_side_is_a_clear_error(vm_and_sides):
+    vm, production, _dr = vm_and_sides
+    with pytest.raises(AnsibleFilterError, match="no 'domain' in the protection group"):
+        vms.vm_domain({**vm, "domain": None}, production)
+    with pytest.raises(AnsibleFilterError, match="nic 0: expected a NIC side of network_plan"):
+        vms.vm_interfaces([{"ip": "1.2.3.4"}])
+
+
+def test_the_lab_files_give_a_domain_for_every_vm_at_both_sites():
+    lab = ROOT / "inventories" / "lab"
+    group = yaml.safe_load((lab / "protection_group.yml").read_text())["tandem_protection_group"]
+    mapping = yaml.safe_load((lab / "network_mapping.yml").read_text())["tandem_network_mapping"]
+    hostvars = {h: {"ansible_host": "10.0.0.1"} for h in ("hv-a1", "hv-b1")}
+    plan = protection.protection_plan(group, hostvars, ["hv-a1", "hv-b1"])
+    for entry, vm in zip(network.network_plan(plan, mapping, "failover"), plan, strict=True):
+        for side in ("source", "target"):
+            nics = [n[side] for n in entry["nics"]]
+            assert vms.vm_address(nics)
+            if vm.get("domain"):
+                assert vms.vm_domain(vm, nics)["nics"]
