@@ -247,6 +247,25 @@ def recovery_plan(plan, vm_names=None, hosts=None):
     }
 
 
+def recovery_plan_subset(plan, names):
+    """A normalised plan cut down to the VMs in `names` (a run for some VMs of the group):
+    other VMs leave their batches and stages, empty ones go, and dependencies on VMs not in
+    the run are dropped (they are not started by it)."""
+    keep = set(names)
+    batches = []
+    for batch in plan["batches"]:
+        vms = [dict(vm, depends_on=[d for d in vm["depends_on"] if d in keep])
+               for vm in batch["vms"] if vm["name"] in keep]
+        stages = [[n for n in stage if n in keep] for stage in batch["stages"]]
+        stages = [stage for stage in stages if stage]
+        if vms:
+            batches.append({**batch, "vms": vms, "stages": stages})
+    vms = {vm["name"]: vm for batch in batches for vm in batch["vms"]}
+    return {**plan, "batches": batches, "vms": vms,
+            "order": [n for n in plan["order"] if n in keep],
+            "not_in_plan": sorted(keep - set(plan["vms"]))}
+
+
 class FilterModule:
     def filters(self):
-        return {"recovery_plan": recovery_plan}
+        return {"recovery_plan": recovery_plan, "recovery_plan_subset": recovery_plan_subset}

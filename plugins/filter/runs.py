@@ -52,6 +52,25 @@ def run_summary(state):
     }
 
 
+def _fmt(v):
+    return "-" if v is None else f"{v:.1f}s"
+
+
+def run_table(state):
+    """Lines for a debug message: the run, then one row per VM."""
+    r = run_summary(state)
+    lines = [f"{r['operation']} {r['id']} of plan {r['plan']}: {r['result']}, "
+             f"plan RTO {_fmt(r['rto_seconds'])}, took {_fmt(r['duration_seconds'])}",
+             f"{'VM':<16} {'batch':<12} {'host':<10} {'started':>8} {'healthy':>8} {'IP before':<16} "
+             f"{'IP after':<16} result"]
+    for v in r["vms"]:
+        result = v["result"] + (f" ({v['error']})" if v["error"] else "")
+        lines.append(f"{v['name']:<16} {str(v['batch']):<12} {str(v['host']):<10} "
+                     f"{_fmt(v['started_seconds']):>8} {_fmt(v['healthy_seconds']):>8} "
+                     f"{str(v['ip_before'] or '-'):<16} {str(v['ip_after'] or '-'):<16} {result}")
+    return lines
+
+
 class FilterModule:
     def filters(self):
-        return {"run_summary": run_summary}
+        return {"run_summary": run_summary, "run_table": run_table}

@@ -86,7 +86,36 @@ def vm_address(site_nics):
     return None
 
 
+def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=None, nics_override=None):
+    """Per VM of a recovery-plan run, what playbooks/tasks/run_plan.yml and vm_start.yml need:
+    the host it starts on at site `to` (production or dr), the host its health check runs
+    from, its address there (and before), and the vm role's inputs.
+
+    network_plan: {name: network_plan entry for a failover}; `to`=dr takes each NIC's target,
+    `to`=production its source. name_suffix: a drill copy's domain name suffix; exports:
+    {name: [export names]} for a drill's clones; nics_override: {name: [site nics]} (a drill's
+    isolated network)."""
+    if to not in ("production", "dr"):
+        raise AnsibleFilterError(f"vm_run_specs: to must be production or dr, got {to!r}")
+    back = "source" if to == "dr" else "target"
+    here = "target" if to == "dr" else "source"
+    specs = {}
+    for vm in vms:
+        name = vm["name"]
+        nics = (network_plan.get(name) or {}).get("nics") or []
+        site_nics = (nics_override or {}).get(name) or [n[here] for n in nics]
+        check = (recovery_plan["vms"].get(name) or {}).get("health_check") or {"type": "none"}
+        health_host = vm[to]
+        if check.get("type") == "ping":
+            health_host = check["from"][to]
+        specs[name] = {"host": vm[to], "health_host": health_host, "vm": vm, "nics": site_nics,
+                       "address": vm_address(site_nics), "ip_before": vm_address([n[back] for n in nics]),
+                       "domain_name": name + name_suffix,
+                       "exports": (exports or {}).get(name)}
+    return specs
+
+
 class FilterModule:
     def filters(self):
         return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks, "vm_domain": vm_domain,
-                "vm_seed": vm_seed, "vm_address": vm_address}
+                "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs}

@@ -31,6 +31,7 @@ DEPS = ROOT / ".cache" / "collections"
 DECOYS = (
     "inventories/site/tandem-secrets/vm01.key",
     "inventories/site/pki/ca.key",
+    "inventories/site/tandem-runs/failover-x.json",
     "inventories/lab/hosts.yml",
     ".hypothesis/examples/x",
     "tests/output/run.json",

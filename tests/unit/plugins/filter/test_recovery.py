@@ -264,3 +264,17 @@ def test_every_value_of_the_example_replaced_by_junk_is_refused_or_still_valid()
             except AnsibleFilterError:
                 refused += 1
     assert refused > 50
+
+
+def test_subset_keeps_order_and_drops_what_the_run_does_not_start():
+    full = recovery.recovery_plan({"batches": [
+        {"name": "db", "vms": ["db01", "db02"]},
+        {"name": "app", "vms": [{"name": "app01", "depends_on": ["db01", "app02"]}, "app02"]},
+    ]})
+    sub = recovery.recovery_plan_subset(full, ["app01", "db02", "app02", "web09"])
+    assert [b["name"] for b in sub["batches"]] == ["db", "app"]
+    assert sub["batches"][0]["stages"] == [["db02"]]
+    assert sub["batches"][1]["stages"] == [["app02"], ["app01"]]
+    assert sub["vms"]["app01"]["depends_on"] == ["app02"]         # db01 is not in this run
+    assert sub["order"] == ["db02", "app02", "app01"] and sub["not_in_plan"] == ["web09"]
+    assert [b["name"] for b in recovery.recovery_plan_subset(full, ["app02"])["batches"]] == ["app"]
