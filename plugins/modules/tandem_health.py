@@ -20,8 +20,8 @@ extends_documentation_fragment:
 options:
   health_check:
     description:
-      - A normalised health check from the M(tandem.dr.recovery_plan) filter -
-        C({type: tcp, host, port}), C({type: http, url, expect_status}), C({type: ping}) or C({type: none}).
+      - "A normalised health check from the M(tandem.dr.recovery_plan) filter -
+        C({type: tcp, host, port}), C({type: http, url, expect_status}), C({type: ping}) or C({type: none})."
       - C({ip}) in C(host) and C(url) is replaced by O(address).
     type: dict
     required: true
