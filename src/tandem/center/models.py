@@ -6,13 +6,14 @@ from datetime import datetime
 from ipaddress import IPv4Network, IPv6Network
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, Strict, model_validator
 
 INT32_MAX = 2**31 - 1
 INT64_MAX = 2**63 - 1
 
 Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$", examples=["web01"])]
-Id = Annotated[int, Field(ge=1, le=INT64_MAX)]
+# Strict: "300" is not an integer (pydantic's lax mode would take it).
+Id = Annotated[int, Strict(), Field(ge=1, le=INT64_MAX)]
 Text = Annotated[str, Field(max_length=2000, pattern=r"^[^\x00]*$")]
 NetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 MAX_JSON_DEPTH = 8
@@ -68,10 +69,11 @@ class Hypervisor(HypervisorIn, Stored):
 
 class PolicyIn(Input):
     name: Name
-    rp_interval_s: Annotated[int, Field(ge=1, le=366 * 86400, description="seconds between recovery points")]
-    rp_retention: Annotated[int, Field(ge=1, le=100_000, description="recovery points kept per VM")]
-    sync_timeout_s: Annotated[int, Field(ge=0, le=86400, description="tolerated degraded time")]
-    priority: Annotated[int, Field(ge=0, le=1000)] = 100
+    rp_interval_s: Annotated[int, Strict(),
+                             Field(ge=1, le=366 * 86400, description="seconds between recovery points")]
+    rp_retention: Annotated[int, Strict(), Field(ge=1, le=100_000, description="recovery points kept per VM")]
+    sync_timeout_s: Annotated[int, Strict(), Field(ge=0, le=86400, description="tolerated degraded time")]
+    priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 100
 
 
 class Policy(PolicyIn, Stored):
@@ -99,9 +101,9 @@ class Vm(VmIn, Stored):
 class VolumeIn(Input):
     vm_id: Id
     resource: Name
-    volume: Annotated[int, Field(ge=0, le=65535)]
+    volume: Annotated[int, Strict(), Field(ge=0, le=65535)]
     target_dev: Annotated[str, Field(pattern=r"^[a-z][a-z0-9]{0,15}$", examples=["vda"])]
-    size_bytes: Annotated[int, Field(ge=1, le=INT64_MAX)]
+    size_bytes: Annotated[int, Strict(), Field(ge=1, le=INT64_MAX)]
 
 
 class Volume(VolumeIn, Stored):
@@ -137,7 +139,7 @@ class NetworkMapping(NetworkMappingIn, Stored):
 class PlanGroup(Input):
     name: Name
     vms: Annotated[list[Name], Field(min_length=1, max_length=500, description="protected VM names")]
-    start_delay_s: Annotated[int, Field(ge=0, le=3600)] = 0
+    start_delay_s: Annotated[int, Strict(), Field(ge=0, le=3600)] = 0
     wait_for: Literal["running", "guest-agent"] = "running"
 
 
