@@ -6,6 +6,7 @@ one migrated template database, and a fresh database copied from it for each tes
 """
 
 import itertools
+import json
 import os
 import pwd
 import shutil
@@ -104,10 +105,9 @@ class Db:
                                 "ORDER BY id").fetchall()
 
 
-@pytest.fixture
-def db(pg, template_db):
+def make_db(pg: Cluster, template: str) -> Db:
     """A fresh migrated database with tokens: admin, operator, reader, and a revoked one."""
-    name = pg.create_db(template_db)
+    name = pg.create_db(template)
     made = {}
     with pg.connect(name) as conn, conn.transaction():
         for label, role in (("admin", "admin"), ("operator", "operator"), ("reader", "read-only"),
@@ -117,21 +117,86 @@ def db(pg, template_db):
     return Db(pg, name, pg.dsn(name), made)
 
 
+@pytest.fixture
+def db(pg, template_db):
+    return make_db(pg, template_db)
+
+
+@pytest.fixture(scope="module")
+def module_db(pg, template_db):
+    return make_db(pg, template_db)
+
+
+class Server:
+    """`tandem-center serve` in a subprocess (the console script's code, real uvicorn)."""
+
+    def __init__(self, workdir: Path, dsn: str, **server):
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        dsn_file = workdir / "center.dsn"
+        dsn_file.write_text(dsn + "\n")
+        dsn_file.chmod(0o600)
+        self.port = server.setdefault("port", free_port())
+        server.setdefault("bind", "127.0.0.1")
+        lines = ["[database]", f'dsn_file = "{dsn_file}"', "pool_max = 4", "[server]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in server.items()]
+        lines += ["[api]", "max_body_bytes = 65536"]
+        self.config = workdir / "center.toml"
+        self.config.write_text("\n".join(lines) + "\n")
+        self.log = workdir / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tandem.center.cli", "-c", str(self.config), *args],
+                              env=cli_env(), capture_output=True, text=True, timeout=120, check=False, **kw)
+
+    def start(self, scheme: str = "http", **http) -> "Server":
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "tandem.center.cli", "-c", str(self.config),
+                                          "serve", "--log-level", "warning"], env=cli_env(), stdout=log,
+                                         stderr=subprocess.STDOUT)
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        wait_http(self.url + "/health", self.proc, log=self.log, **http)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def cli_env() -> dict:
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    for var in ("TANDEM_CENTER_CONFIG", "TANDEM_CENTER_DSN", "TANDEM_CENTER_DSN_FILE"):
+        env.pop(var, None)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30, **kw) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60, **kw) -> None:
     import httpx
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"tandem-center exited with {proc.returncode}: {proc.stderr.read()}")
+            raise RuntimeError(f"tandem-center exited with {proc.returncode}: {log.read_text()}")
         try:
-            httpx.get(url, timeout=1, **kw)
+            httpx.get(url, timeout=2, **kw)
             return
         except httpx.TransportError:
             time.sleep(0.1)
-    raise RuntimeError(f"tandem-center did not answer on {url} within {timeout}s")
+    raise RuntimeError(f"tandem-center did not answer on {url} within {timeout}s: {log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server_class():
+    """The Server helper (test modules here are not a package, so they get it as a fixture)."""
+    return Server
