@@ -33,6 +33,8 @@ def test_end_to_end_with_a_token_from_the_cli(live):
     assert token.startswith("tdc_") and "\n" not in token
     again = live.cli("token", "create", "--name", "ansible", "--role", "admin")
     assert again.returncode == 1 and "already exists" in again.stderr
+    bad = live.cli("token", "create", "--name", "Bad Name", "--role", "admin")
+    assert bad.returncode == 2 and "token name" in bad.stderr
     admin = {"Authorization": f"Bearer {live.db.tokens['admin']}"}
     ops = {"Authorization": f"Bearer {token}"}
     with httpx.Client(base_url=live.url + API, timeout=10) as http:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = cfgmod.load(args.config)
         return args.func(cfg, args)
-    except (cfgmod.ConfigError, mig.MigrationError) as e:
+    except (cfgmod.ConfigError, mig.MigrationError, ValueError) as e:
         print(f"tandem-center: {e}", file=sys.stderr)
         return 2
     except psycopg.errors.UniqueViolation as e:

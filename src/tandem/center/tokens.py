@@ -9,10 +9,12 @@ of the hash instead of spending ~100 ms of CPU per request (itself a denial-of-s
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 
 ROLES = ("read-only", "operator", "admin")
 PREFIX = "tdc_"          # recognisable in logs and by secret scanners
+NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")     # the tc_name domain of migration 0001
 
 
 def new_token() -> str:
@@ -27,6 +29,8 @@ def create(conn, name: str, role: str, created_by: str) -> tuple[int, str]:
     """Insert a token (in the caller's transaction); returns (id, the clear token)."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if not NAME.fullmatch(name):
+        raise ValueError(f"token name {name!r}: lower-case letters, digits, '_', '.', '-' (at most 63)")
     token = new_token()
     row = conn.execute("INSERT INTO api_tokens (name, role, token_sha256, created_by) "
                        "VALUES (%s, %s, %s, %s) RETURNING id", (name, role, digest(token), created_by))
