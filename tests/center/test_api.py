@@ -383,9 +383,13 @@ def test_a_refused_change_is_audited_as_refused_and_changes_nothing(client):
         False,
         404,
     )
-    # a forbidden call is not a change attempt by an authorised caller: 403 before anything runs
-    before = len(client.db.audit_rows())
+    # a change refused for the role is recorded as denied; a refused read is not
     assert client.delete(API + "/sites/1", headers=auth(client.db, "reader")).status_code == 403
+    _id, actor, action, target, _inputs, ok, result = client.db.audit_rows()[-1]
+    assert (actor, action, target, ok, result) == (
+        "test-reader", "denied", "DELETE /api/v1/sites/1", False, {"status": 403, "needs": "admin"})
+    before = len(client.db.audit_rows())
+    assert client.get(API + "/audit", headers=auth(client.db, "operator")).status_code == 403
     assert len(client.db.audit_rows()) == before
 
 

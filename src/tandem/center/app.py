@@ -30,7 +30,9 @@ def create_app(config: Config) -> FastAPI:
         finally:
             await pool.close()
 
+    # No /docs or /redoc: they load Swagger UI from a CDN the control nodes may not reach.
     app = FastAPI(title="tandem-center", version=tandem.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
                   description="Catalogue, runs, recovery points, alerts and audit of Tandem DR. "
                               "Authenticate with `Authorization: Bearer <token>`.")
     errors.install(app)

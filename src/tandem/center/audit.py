@@ -9,13 +9,15 @@ The table itself refuses UPDATE, DELETE and TRUNCATE (a trigger, migration 0001)
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
-from .auth import Principal
 from .errors import http_error
+
+if TYPE_CHECKING:            # auth records denials here: no import cycle at run time
+    from .auth import Principal
 
 log = logging.getLogger("tandem.center.audit")
 
@@ -48,7 +50,7 @@ async def write(conn: AsyncConnection, actor: str, action: str, target: str | No
 
 
 @asynccontextmanager
-async def audited(conn: AsyncConnection, who: Principal, action: str, inputs: dict,
+async def audited(conn: AsyncConnection, who: "Principal", action: str, inputs: dict,
                   target: str | None = None):
     entry = Entry(target=target)
     try:

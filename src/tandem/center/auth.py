@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import psycopg
-from fastapi import Depends, HTTPException
+from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg import AsyncConnection
 
-from . import tokens
+from . import audit, tokens
 from .db import connection
 
 RANK = {role: rank for rank, role in enumerate(tokens.ROLES)}
@@ -50,11 +50,16 @@ async def authenticate(creds: Annotated[HTTPAuthorizationCredentials | None, Dep
 
 
 def require(role: str):
-    """A dependency giving the caller's Principal if its role is at least `role`."""
+    """A dependency giving the caller's Principal if its role is at least `role`. A change
+    refused for the role is audited (who tried what); a refused read is not."""
     need = RANK[role]
 
-    async def check(who: Annotated[Principal, Depends(authenticate)]) -> Principal:
+    async def check(request: Request, who: Annotated[Principal, Depends(authenticate)],
+                    conn: Annotated[AsyncConnection, Depends(connection)]) -> Principal:
         if RANK[who.role] < need:
+            if request.method not in ("GET", "HEAD"):
+                await audit.write(conn, who.name, "denied", f"{request.method} {request.url.path}", {}, False,
+                                  {"status": 403, "needs": role})
             raise HTTPException(403, f"needs the {role} role (token {who.name!r} is {who.role})")
         return who
 
