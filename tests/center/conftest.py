@@ -150,6 +150,10 @@ class Server:
         return subprocess.run([sys.executable, "-m", "tandem.center.cli", "-c", str(self.config), *args],
                               env=cli_env(), capture_output=True, text=True, timeout=120, check=False, **kw)
 
+    def cli_popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tandem.center.cli", "-c", str(self.config), *args],
+                                env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def start(self, scheme: str = "http", **http) -> "Server":
         with self.log.open("w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "tandem.center.cli", "-c", str(self.config),

@@ -3,6 +3,7 @@ console script's migrate/token commands; schemathesis against its OpenAPI spec."
 
 import ssl
 import subprocess
+import time
 from collections import Counter, defaultdict
 
 import httpx
@@ -64,6 +65,24 @@ def test_serve_refuses_a_database_with_pending_migrations(pg, tmp_path, server_c
     r = server.cli("serve")
     assert r.returncode == 2 and "pending" in r.stderr
     assert server.cli("migrate").returncode == 0
+
+
+def test_unix_socket(module_db, tmp_path, server_class):
+    sock = tmp_path / "center.sock"
+    server = server_class(tmp_path, module_db.dsn, unix_socket=str(sock))
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with server.cli_popen("serve") as proc:
+        try:
+            deadline = time.monotonic() + 60
+            while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+            with httpx.Client(transport=transport, base_url="http://center", timeout=10) as http:
+                assert http.get("/health").json() == {"status": "ok"}
+                reader = {"Authorization": f"Bearer {module_db.tokens['reader']}"}
+                assert http.get(API + "/sites", headers=reader).status_code == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
 
 
 def _openssl(*args: str, cwd) -> None:
