@@ -48,12 +48,25 @@ class Cluster:
             conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         return name
 
+    def drop_db(self, name: str) -> None:
+        with self.connect() as conn:
+            conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def _scratch_dir() -> str | None:
+    """tmpfs when it has room (a throwaway cluster needs no disk), else the default temp dir."""
+    try:
+        st = os.statvfs("/dev/shm")
+    except OSError:
+        return None
+    return "/dev/shm" if st.f_bavail * st.f_frsize > (2 << 30) else None
+
 
 @pytest.fixture(scope="session")
 def pg():
     if not (PG_BIN / "initdb").exists():
         pytest.fail("PostgreSQL 15 is not installed: `make engine-deps` installs postgresql-15")
-    base = tempfile.mkdtemp(prefix="tandem-center-pg-")
+    base = tempfile.mkdtemp(prefix="tandem-center-pg-", dir=_scratch_dir())
     as_user = []
     if os.geteuid() == 0:
         pw = pwd.getpwnam("postgres")
@@ -119,12 +132,16 @@ def make_db(pg: Cluster, template: str) -> Db:
 
 @pytest.fixture
 def db(pg, template_db):
-    return make_db(pg, template_db)
+    made = make_db(pg, template_db)
+    yield made
+    pg.drop_db(made.name)
 
 
 @pytest.fixture(scope="module")
 def module_db(pg, template_db):
-    return make_db(pg, template_db)
+    made = make_db(pg, template_db)
+    yield made
+    pg.drop_db(made.name)
 
 
 class Server:

@@ -128,7 +128,7 @@ def test_mutual_tls(module_db, tmp_path, server_class):
 
 # -- schemathesis: no generated request, valid or not, gets a server error ---------------------------
 
-MAX_EXAMPLES = 20
+MAX_EXAMPLES = 15
 SEEN: dict[str, set[int]] = defaultdict(set)     # operation -> status codes answered
 
 
