@@ -616,3 +616,18 @@ def test_alerts_dedup_ack_and_clear(client):
         for a in client.get(API + "/alerts?state=all", headers=auth(client.db, "reader")).json()
     }
     assert states == {first: "cleared", third: "raised"}
+
+
+def test_a_read_only_database_serves_reads_and_refuses_changes_with_503(db):
+    """What an instance sees when its database is a standby: reads work, changes are 503
+    (retry through the VIP), a role refusal is still 403, and nothing is written."""
+    with db.connect() as conn:
+        conn.execute(f'ALTER DATABASE "{db.name}" SET default_transaction_read_only = on')
+    cfg = Config(database=DatabaseConfig(dsn=db.dsn, pool_min=1, pool_max=2))
+    with TestClient(create_app(cfg)) as client:
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get(API + "/sites", headers=auth(db, "reader")).status_code == 200
+        r = client.post(API + "/sites", json={"name": "s"}, headers=auth(db))
+        assert r.status_code == 503 and "read-only" in r.json()["detail"]
+        assert client.post(API + "/sites", json={"name": "s"}, headers=auth(db, "reader")).status_code == 403
+    assert count(db, "sites") == 0 and db.audit_rows() == []

@@ -58,8 +58,9 @@ def require(role: str):
                     conn: Annotated[AsyncConnection, Depends(connection)]) -> Principal:
         if RANK[who.role] < need:
             if request.method not in ("GET", "HEAD"):
-                await audit.write(conn, who.name, "denied", f"{request.method} {request.url.path}", {}, False,
-                                  {"status": 403, "needs": role})
+                with contextlib.suppress(psycopg.errors.ReadOnlySqlTransaction):   # a standby: 403 anyway
+                    await audit.write(conn, who.name, "denied", f"{request.method} {request.url.path}", {},
+                                      False, {"status": 403, "needs": role})
             raise HTTPException(403, f"needs the {role} role (token {who.name!r} is {who.role})")
         return who
 
