@@ -210,7 +210,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60, 
         if proc.poll() is not None:
             raise RuntimeError(f"tandem-center exited with {proc.returncode}: {log.read_text()}")
         try:
-            httpx.get(url, timeout=2, **kw)
+            httpx.get(url, timeout=5, **kw)
             return
         except httpx.TransportError:
             time.sleep(0.1)

@@ -85,6 +85,21 @@ def test_unix_socket(module_db, tmp_path, server_class):
             proc.wait(timeout=20)
 
 
+def test_serves_health_503_while_the_database_is_away(tmp_path, server_class):
+    """During a control-plane failover the database may be unreachable when the service starts:
+    it starts anyway, says so on /health, and answers 503 instead of hanging or crashing."""
+    server = server_class(tmp_path, f"host={tmp_path}/nowhere dbname=tandem user=postgres connect_timeout=2")
+    server.start()
+    try:
+        r = httpx.get(server.url + "/health", timeout=30)
+        assert (r.status_code, r.json()) == (503, {"status": "unavailable"})
+        r = httpx.get(server.url + API + "/sites", headers={"Authorization": "Bearer tdc_x"}, timeout=60)
+        assert r.status_code == 503 and r.json() == {"detail": "the database is unavailable"}
+    finally:
+        server.stop()
+    assert "database unreachable at start" in server.log.read_text()
+
+
 def _openssl(*args: str, cwd) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 

@@ -42,7 +42,8 @@ def create_app(config: Config) -> FastAPI:
     async def health(request: Request):
         """Unauthenticated: is the database reachable from this instance."""
         try:
-            async with asyncio.timeout(3), request.app.state.pool.connection(timeout=3) as conn:
+            # Short: load balancers and keepalived-style checks give up after a second or two.
+            async with asyncio.timeout(2), request.app.state.pool.connection(timeout=1.5) as conn:
                 await conn.execute("SELECT 1")
         except Exception:
             return JSONResponse({"status": "unavailable"}, status_code=503)
