@@ -16,18 +16,20 @@ include mk/package.mk
 bench bench-faults: engine-deps $(VENV_STAMP)
 test-unit: engine-deps
 
-.PHONY: help test test-lab test-engine engine-deps soak molecule demo demo-down clean
+.PHONY: help test test-lab test-engine test-center engine-deps soak molecule demo demo-down clean
 
 # Real NBD clients and servers the engine tests and benchmarks use; mkfs.xfs for the
 # reflink recovery point tests (an XFS with reflink=1 on a loop device); ping for the
-# tandem_health unit tests. Unit tests need them too.
-ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping
+# tandem_health unit tests; PostgreSQL 15 for the tandem-center tests (a throwaway cluster
+# per session, tests/center/conftest.py). Unit tests need them too.
+ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping postgresql-15
 
 help:
 	@echo "make test        lint, ansible-test sanity, then unit + lab + molecule tests (pytest)"
 	@echo "make test-unit   unit tests only (no root, no lab)"
 	@echo "make test-lab    lab tests only (brings the lab up itself)"
 	@echo "make test-engine engine tests: two real tandemd on loopback, kill -9 test"
+	@echo "make test-center tandem-center tests: real PostgreSQL 15, live server, schemathesis"
 	@echo "make soak        the kill test with 500 iterations (TANDEM_KILL_ITERATIONS)"
 	@echo "make bench       NBD write-path benchmark (fio; ~15 min)"
 	@echo "make bench-faults link-cut figures: write stall, time back to sync, resync bytes"
@@ -41,10 +43,13 @@ help:
 # with pytest's summary line and fails if anything failed.
 test: lint sanity engine-deps lab-up collections
 	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
-	    '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/unit tests/engine tests/lab
+	    '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/unit tests/engine tests/center tests/lab
 
 test-engine: engine-deps $(VENV_STAMP)
 	'$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/engine
+
+test-center: engine-deps $(VENV_STAMP)
+	'$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/center
 
 soak: engine-deps $(VENV_STAMP)
 	TANDEM_KILL_ITERATIONS=$${TANDEM_KILL_ITERATIONS:-500} '$(VENV_PYTHON)' -m pytest $(PYTEST_ARGS) tests/engine/test_kill.py

@@ -36,7 +36,7 @@ trap 'rm -rf "$tmp"' EXIT
 # 1. sync the copy (and drop files that are gone from the source tree)
 mkdir -p "$dest"
 cd "$root"
-exclude=${SANITY_EXCLUDE-lab/ tests/lab/ src/ tests/engine/ tests/unit/test_engine_ tests/unit/test_nbd_ benchmarks/}
+exclude=${SANITY_EXCLUDE-lab/ tests/lab/ src/ tests/engine/ tests/center/ tests/unit/test_engine_ tests/unit/test_nbd_ benchmarks/}
 git ls-files -z --cached --others --exclude-standard | LC_ALL=C sort -zu |
     while IFS= read -r -d '' f; do
         for x in $exclude; do [[ $f == "$x"* ]] && continue 2; done

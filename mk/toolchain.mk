@@ -43,9 +43,9 @@ SANITY_ARGS ?=
 PYTEST_ARGS ?=
 # Path prefixes kept out of the sanity copy (CI tooling, not collection content; see
 # ci/sanity.sh) and the stdlib-only engine package (src/, its tests), which ruff and pytest
-# check: Ansible's pylint rules for plugin code do not apply to it.
+# check: Ansible's pylint rules for plugin code do not apply to it (nor to tandem-center's tests).
 # `make sanity SANITY_EXCLUDE=` checks everything.
-SANITY_EXCLUDE ?= lab/ tests/lab/ src/ tests/engine/ tests/unit/test_engine_ tests/unit/test_nbd_ benchmarks/
+SANITY_EXCLUDE ?= lab/ tests/lab/ src/ tests/engine/ tests/center/ tests/unit/test_engine_ tests/unit/test_nbd_ benchmarks/
 
 # Python trees that ruff checks (only those that exist: ruff errors on missing paths).
 RUFF_PATHS = $(wildcard src tests lab plugins ci)
@@ -71,7 +71,7 @@ $(VENV_STAMP): requirements-dev.txt pyproject.toml
 	fi
 	@APT_EXTRA=--no-install-recommends bash ci/apt-ensure.sh 'venv (libvirt-python builds against libvirt)' \
 	    $(VENV_BUILD_PACKAGES)
-	'$(VENV_PYTHON)' -m pip install --quiet -r requirements-dev.txt -e .
+	'$(VENV_PYTHON)' -m pip install --quiet -r requirements-dev.txt -e '.[center]'
 	PIP_PYTHON='$(VENV_PYTHON)' bash ci/collections.sh
 	@touch '$@'
 

@@ -1,0 +1,55 @@
+"""The ASGI application: routers under /api/v1, /health outside it, the request size limit
+around everything. Stateless: all state is in PostgreSQL, so any number of instances (the
+active and the passive control node) can serve behind the VIP."""
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+import tandem
+
+from . import api_admin, api_catalogue, api_ops, errors
+from .config import Config
+from .db import make_pool
+from .limits import BodyLimit
+from .models import Health
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(config: Config) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        pool = make_pool(config.database.conninfo(), config.database.pool_min, config.database.pool_max)
+        await pool.open(wait=False)        # serve /health (503) even while the database is away
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    # No /docs or /redoc: they load Swagger UI from a CDN the control nodes may not reach.
+    app = FastAPI(title="tandem-center", version=tandem.__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Catalogue, runs, recovery points, alerts and audit of Tandem DR. "
+                              "Authenticate with `Authorization: Bearer <token>`.")
+    errors.install(app)
+
+    @app.get("/health", response_model=Health, tags=["health"], operation_id="health",
+             responses={503: {"model": Health}})
+    async def health(request: Request):
+        """Unauthenticated: is the database reachable from this instance."""
+        try:
+            # Short: load balancers and keepalived-style checks give up after a second or two.
+            async with asyncio.timeout(2), request.app.state.pool.connection(timeout=1.5) as conn:
+                await conn.execute("SELECT 1")
+        except Exception:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok"}
+
+    for router in (*api_catalogue.ROUTERS, api_ops.router, api_admin.router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.add_middleware(BodyLimit, max_bytes=config.api.max_body_bytes)
+    return app
