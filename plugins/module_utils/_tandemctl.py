@@ -56,6 +56,7 @@ VOCABULARY = {
     "rp_list": lambda name: ["rp", "list", name, "--json"],
     "rp_create": lambda name, labels=None: ["rp", "create", name] + _labels(labels) + ["--json"],
     "rp_delete": lambda name, rp_id: ["rp", "delete", name, rp_id, "--json"],
+    "rp_label": lambda name, rp_id, labels: ["rp", "label", name, rp_id] + _labels(labels) + ["--json"],
     "rp_export": lambda name, rp_id: ["rp", "export", name, rp_id, "--json"],
     "rp_unexport": lambda name, rp_id: ["rp", "unexport", name, rp_id, "--json"],
     "rp_restore": lambda name, rp_id: ["rp", "restore", name, rp_id, "--json"],

@@ -23,6 +23,8 @@ description:
   - V(cloned) makes a writable copy for a drill, named O(clone), served as C(<export>@clone-<clone>);
     an existing clone of that name is no change. V(uncloned) deletes the clone O(clone); a missing clone
     is no change.
+  - V(labelled) sets O(labels) on the RP (an empty value removes a label), e.g. C(tested) after a
+    drill; labels it has already are no change. The image never changes.
   - V(restored) rolls this node back to the RP (C(tandemctl rp restore); only on a StandAlone
     Secondary, the engine refuses otherwise). It is always a change, since the volumes are
     rewritten to the RP whatever they hold (except in check mode, where nothing runs).
@@ -43,7 +45,7 @@ options:
   state:
     description: See the description.
     type: str
-    choices: [present, absent, exported, unexported, cloned, uncloned, restored]
+    choices: [present, absent, exported, unexported, cloned, uncloned, restored, labelled]
     default: present
   id:
     description:
@@ -55,7 +57,7 @@ options:
       - The RP whose C(name) label is this. With V(present) it is added to the labels.
     type: str
   labels:
-    description: Labels of a new RP (V(present)); strings.
+    description: Labels of a new RP (V(present)), or to set (V(labelled)); strings.
     type: dict
   clone:
     description: Clone name, with V(cloned) and V(uncloned).
@@ -133,7 +135,7 @@ from ansible_collections.tandem.dr.plugins.module_utils._errors import Tandemctl
 from ansible_collections.tandem.dr.plugins.module_utils._parse import normalize_status
 from ansible_collections.tandem.dr.plugins.module_utils._tandemctl import Tandemctl, argument_spec
 
-NEEDS_RP = ("exported", "unexported", "cloned", "restored")
+NEEDS_RP = ("exported", "unexported", "cloned", "restored", "labelled")
 
 
 def uris(names, socket):
@@ -156,12 +158,13 @@ def main():
     spec.update(resource={"type": "str", "required": True},
                 state={"type": "str", "default": "present",
                        "choices": ["present", "absent", "exported", "unexported", "cloned", "uncloned",
-                                   "restored"]},
+                                   "restored", "labelled"]},
                 id={"type": "str"}, name={"type": "str"}, labels={"type": "dict"},
                 clone={"type": "str"}, nbd_socket={"type": "path"})
     module = AnsibleModule(
         argument_spec=spec, supports_check_mode=True,
         required_if=[("state", "cloned", ("clone",)), ("state", "uncloned", ("clone",)),
+                     ("state", "labelled", ("labels",)),
                      ("state", "absent", ("id", "name"), True)]
         + [("state", s, ("id", "name"), True) for s in NEEDS_RP])
     p = module.params
@@ -230,6 +233,14 @@ def main():
                     step = "rp clone"
                     reply = ctl.write("rp_clone", res, rp_id, p["clone"])
                     result["exports"] = uris(reply["exports"], reply["socket"]) if reply else []
+            elif state == "labelled":
+                have = rp.get("labels") or {}
+                wanted = {k: v for k, v in labels.items() if (k in have if v == "" else have.get(k) != v)}
+                if wanted:
+                    step = "rp label"
+                    reply = ctl.write("rp_label", res, rp_id, wanted)
+                    if reply is not None:
+                        result["recovery_point"] = {**rp, **reply["recovery_point"]}
             elif state == "restored":
                 step = "rp restore"
                 reply = ctl.write("rp_restore", res, rp_id)
@@ -237,7 +248,8 @@ def main():
                     result["restored_bytes"] = reply.get("restored_bytes")
                     result["resource_status"] = normalize_status(reply.get("resource"))
         result["changed"] = bool(ctl.commands)
-        if ctl.commands and not module.check_mode and state not in ("present", "restored", "uncloned"):
+        if ctl.commands and not module.check_mode and state not in ("present", "restored", "uncloned",
+                                                                   "labelled"):
             step = "rp list"
             after = ctl.read("rp_list", res)["recovery_points"]
             result["recovery_point"] = find(after, rp["id"]) if rp is not None else None

@@ -149,11 +149,19 @@ def test_clone_export_restore_and_restart(pair):
         c.close()
     busy = rp(pair.b, pair, "delete", m["id"], check=False)
     assert not busy["ok"] and "in use" in busy["error"]
+    # A drill tags the RP it used; labels change, the image does not.
+    tagged = rp(pair.b, pair, "label", m["id"], "--label", "tested=2026-11-30T01:50Z", "--label", "drill=d1")
+    assert tagged["recovery_point"]["labels"] == {"tested": "2026-11-30T01:50Z", "drill": "d1"}
+    untagged = rp(pair.b, pair, "label", m["id"], "--label", "drill=")
+    assert untagged["recovery_point"]["labels"] == {"tested": "2026-11-30T01:50Z"}
+    bad = rp(pair.b, pair, "label", m["id"], "--label", "Bad Key=x", check=False)
+    assert not bad["ok"] and "labels must map names" in bad["error"]
 
     # Survives a restart of the daemon, clone included.
     pair.b.stop()
     pair.b.start()
-    assert [r["id"] for r in rp(pair.b, pair, "list")["recovery_points"]] == [m["id"]]
+    (kept,) = rp(pair.b, pair, "list")["recovery_points"]
+    assert kept["id"] == m["id"] and kept["labels"] == {"tested": "2026-11-30T01:50Z"}
     pair.wait(pair.in_sync, what="in sync after the restart")
     rp(pair.b, pair, "export", m["id"])
     assert read_export(pair.b, pair, f"{pair.resource}/disk0@{m['id']}") == at_rp

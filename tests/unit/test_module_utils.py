@@ -181,6 +181,7 @@ VOCABULARY_CALLS = [
     ("connect", "web01"), ("disconnect", "web01"), ("verify", "web01"), ("verify", "web01", True),
     ("adjust", "web01"), ("adjust", "web01", True), ("validate", "/etc/tandem/resources.d"),
     ("rp_list", "web01"), ("rp_create", "web01", {"name": "x", "a": "b=c"}), ("rp_delete", "web01", "rp-1"),
+    ("rp_label", "web01", "rp-1", {"tested": "now", "drill": ""}),
     ("rp_export", "web01", "rp-1"), ("rp_unexport", "web01", "rp-1"), ("rp_restore", "web01", "rp-1"),
     ("rp_clone", "web01", "rp-1", "drill"), ("rp_clone_delete", "web01", "drill"),
 ]

@@ -81,6 +81,9 @@ def print_rp(op: str, reply: dict) -> None:
     elif op == "create":
         m = reply["recovery_point"]
         print(f"created {m['id']} consistent:{'yes' if m['consistent'] else 'no'}")
+    elif op == "label":
+        m = reply["recovery_point"]
+        print(f"{m['id']} " + " ".join(f"{k}={v}" for k, v in sorted(m["labels"].items())))
     elif op in ("export", "clone"):
         for name in reply["exports"]:
             print(f"nbd+unix:///{name}?socket={reply['socket']}")
@@ -139,6 +142,8 @@ def main(argv=None) -> int:
             ("list", "the resource's recovery points", ()),
             ("create", "take a crash-consistent recovery point of every volume now", ()),
             ("delete", "delete a recovery point", ("id",)),
+            ("label", "set labels of a recovery point (KEY= removes one), e.g. tested=... after a drill",
+             ("id",)),
             ("export", "serve a recovery point read-only over NBD (<export>@<id>)", ("id",)),
             ("unexport", "stop serving a recovery point", ("id",)),
             ("restore", "roll this node (Secondary, StandAlone) back to a recovery point", ("id",)),
@@ -150,8 +155,9 @@ def main(argv=None) -> int:
             sp.add_argument(a)
         sp.add_argument("--json", action="store_true")
         rp_parsers.append(sp)
-        if op == "create":
-            sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+        if op in ("create", "label"):
+            sp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                            required=op == "label")
     vf = sub.add_parser("verify", help="compare the data of both nodes online, block by block")
     vf.add_argument("resource")
     vf.add_argument("--resync", action="store_true",
@@ -189,6 +195,8 @@ def main(argv=None) -> int:
             if bad:
                 p.error(f"--label expects KEY=VALUE, got {bad[0]!r}")
             req["labels"] = dict(item.split("=", 1) for item in args.label)
+            if args.op == "label":                  # KEY= removes the label
+                req["labels"] = {k: (v if v != "" else None) for k, v in req["labels"].items()}
     if getattr(args, "resync", False):
         req["resync"] = True
     try:

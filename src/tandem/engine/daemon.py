@@ -23,6 +23,7 @@ import grp
 import json
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -35,6 +36,7 @@ from .rpstore import RPStoreError
 from .verify import VerifyError
 
 log = logging.getLogger("tandem.engine.daemon")
+LABEL_KEY = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
 
 DEFAULT_CONFIG_DIR = "/etc/tandem/resources.d"
 DEFAULT_STATE_DIR = "/var/lib/tandem"
@@ -245,6 +247,14 @@ class Daemon:
             return {"ok": True, "recovery_point": await res.rp_create(labels)}
         if not isinstance(rp_id, str) and op != "clone-delete":
             raise ValueError(f"rp {op}: an RP id is required")
+        if op == "label":
+            labels = req.get("labels") or {}
+            if not isinstance(labels, dict) or not labels or not all(
+                    isinstance(k, str) and LABEL_KEY.fullmatch(k) and (v is None or isinstance(v, str))
+                    and len(v or "") <= 256 for k, v in labels.items()):
+                raise ValueError("labels must map names ([a-z][a-z0-9_.-]*) to strings of at most 256 "
+                                 "characters, or to null to remove one")
+            return {"ok": True, "recovery_point": await res.rp_label(rp_id, labels)}
         if op == "delete":
             await res.rp_delete(rp_id)
             return {"ok": True, "deleted": rp_id}

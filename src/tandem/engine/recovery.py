@@ -32,6 +32,7 @@ only while no write to any volume is in progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -150,15 +151,29 @@ class RecoveryPoints:
         m = Manifest(rp_id, reason, now, self.node, role, consistent, generations, dict(labels or {}))
         for s in self.stores:
             s.create(rp_id)
-        path = os.path.join(self.directory, f"{rp_id}.json")
+        self._write_manifest(m)
+        self.manifests[rp_id] = m
+        return m
+
+    def _write_manifest(self, m: Manifest) -> None:
+        """Atomically (a crash leaves the old or the new manifest, never half of one)."""
+        path = os.path.join(self.directory, f"{m.id}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(m.to_dict(), f, indent=1)
             f.flush()
             os.fsync(f.fileno())
         os.rename(path + ".tmp", path)
         fsync_dir(self.directory)
-        self.manifests[rp_id] = m
-        return m
+
+    def label(self, rp_id: str, labels: dict[str, str | None]) -> Manifest:
+        """Set labels of an RP (a value None removes one), e.g. tested=<when> after a drill.
+        The data and the built-in fields (reason, time, consistency) never change. Blocking."""
+        m = self.get(rp_id)
+        new = {k: v for k, v in {**m.labels, **labels}.items() if v is not None}
+        updated = dataclasses.replace(m, labels=new)
+        self._write_manifest(updated)
+        self.manifests[rp_id] = updated
+        return updated
 
     def get(self, rp_id: str) -> Manifest:
         if rp_id not in self.manifests:

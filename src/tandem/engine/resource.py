@@ -722,6 +722,11 @@ class Resource:
     def rp_list(self) -> list[dict]:
         return self.rps.list()
 
+    async def rp_label(self, rp_id: str, labels: dict) -> dict:
+        m = await asyncio.to_thread(self.rps.label, rp_id, labels)
+        self._event("rp-labelled", id=rp_id, labels=",".join(f"{k}={v}" for k, v in sorted(labels.items())))
+        return m.to_dict()
+
     async def rp_delete(self, rp_id: str) -> None:
         await asyncio.to_thread(self.rps.delete, rp_id, protect=self._rp_protected())
         self._event("rp-deleted", id=rp_id)
