@@ -4,9 +4,14 @@ server whose status changes, ping of 127.0.0.1, and the failures with their reas
 from __future__ import annotations
 
 import http.server
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from test_module_tandem_vm import run  # pytest puts tests/unit on sys.path
@@ -89,3 +94,40 @@ def test_ping_and_none():
 def test_an_unknown_check_is_a_clear_error():
     r = health(expect_fail=True, health_check={"type": "smtp"}, address="127.0.0.1", timeout=1)
     assert "unknown health check type 'smtp'" in r["msg"]
+
+
+@pytest.fixture
+def netns():
+    """A network namespace with only loopback up: nothing outside it is reachable."""
+    name = f"tdr-test-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    yield name
+    subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def health_in_a_process(**params) -> dict:
+    """Run the module as Ansible does, in its own process: entering a namespace must not
+    move the test process itself."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "ansible"), "localhost", "-c", "local",
+         "-m", "tandem.dr.tandem_health", "-a", json.dumps(params)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_LOAD_CALLBACK_PLUGINS": "1",
+             "ANSIBLE_STDOUT_CALLBACK": "ansible.builtin.json",
+             "ANSIBLE_COLLECTIONS_PATH": str(Path(__file__).resolve().parents[2] / ".cache" / "collections")})
+    return json.loads(proc.stdout)["plays"][0]["tasks"][0]["hosts"]["localhost"]
+
+
+def test_a_check_runs_inside_a_network_namespace(netns):
+    port = free_port()
+    with socket.socket() as srv:                           # listens in the host's namespace
+        srv.bind(("127.0.0.1", port))
+        srv.listen()
+        assert health_in_a_process(health_check={"type": "tcp", "port": port}, address="127.0.0.1",
+                                   timeout=3)["healthy"]
+        inside = health_in_a_process(health_check={"type": "tcp", "port": port}, address="127.0.0.1",
+                                     timeout=1.5, interval=0.5, netns=netns)
+    assert inside["failed"] and "Connection refused" in inside["msg"]   # the namespace's own loopback
+    missing = health_in_a_process(health_check={"type": "none"}, address="x", netns="no-such-ns-here")
+    assert missing["failed"] and "cannot enter network namespace no-such-ns-here" in missing["msg"]
