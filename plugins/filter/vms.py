@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.tandem.dr.plugins.filter.network import generated_mac
+
 TARGETS = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
 
 
@@ -86,7 +88,20 @@ def vm_address(site_nics):
     return None
 
 
-def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=None, nics_override=None):
+def vm_drill_nics(vms, network_plan, bridge, drill="drill"):
+    """Per VM name, its DR-side NICs moved onto a drill's isolated bridge: the DR addresses
+    (the drill proves the failover would work), no VLAN, and a MAC of its own per drill, so the
+    copy is never mistaken for the VM on any network (52:54:00 + sha256 of vm/nic/drill)."""
+    out = {}
+    for vm in vms:
+        nics = (network_plan.get(vm["name"]) or {}).get("nics") or []
+        out[vm["name"]] = [{**n["target"], "interface": {"type": "bridge", "source": bridge, "vlan": None},
+                            "mac": generated_mac(vm["name"], i, drill)} for i, n in enumerate(nics)]
+    return out
+
+
+def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=None, nics_override=None,
+                 health_netns=None):
     """Per VM of a recovery-plan run, what playbooks/tasks/run_plan.yml and vm_start.yml need:
     the host it starts on at site `to` (production or dr), the host its health check runs
     from, its address there (and before), and the vm role's inputs.
@@ -94,7 +109,8 @@ def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=N
     network_plan: {name: network_plan entry for a failover}; `to`=dr takes each NIC's target,
     `to`=production its source. name_suffix: a drill copy's domain name suffix; exports:
     {name: [export names]} for a drill's clones; nics_override: {name: [site nics]} (a drill's
-    isolated network)."""
+    isolated network); health_netns: the network namespace health checks run in (a drill's
+    probe on its isolated network)."""
     if to not in ("production", "dr"):
         raise AnsibleFilterError(f"vm_run_specs: to must be production or dr, got {to!r}")
     back = "source" if to == "dr" else "target"
@@ -111,11 +127,12 @@ def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=N
         specs[name] = {"host": vm[to], "health_host": health_host, "vm": vm, "nics": site_nics,
                        "address": vm_address(site_nics), "ip_before": vm_address([n[back] for n in nics]),
                        "domain_name": name + name_suffix,
-                       "exports": (exports or {}).get(name)}
+                       "exports": (exports or {}).get(name), "health_netns": health_netns}
     return specs
 
 
 class FilterModule:
     def filters(self):
         return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks, "vm_domain": vm_domain,
-                "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs}
+                "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs,
+                "vm_drill_nics": vm_drill_nics}

@@ -91,3 +91,17 @@ def test_the_lab_files_give_a_domain_for_every_vm_at_both_sites():
             assert vms.vm_address(nics)
             if vm.get("domain"):
                 assert vms.vm_domain(vm, nics)["nics"]
+
+
+def test_drill_nics_keep_dr_addresses_on_the_isolated_bridge_with_their_own_macs(vm_and_sides):
+    vm, _production, dr = vm_and_sides
+    (entry,) = network.network_plan([vm], MAPPING, "failover")
+    nics = vms.vm_drill_nics([vm], {"app01": entry}, "tdr-drill", "d1")["app01"]
+    assert vms.vm_address(nics) == vms.vm_address(dr) == "192.168.20.11"
+    mac = network.generated_mac("app01", 0, "d1")
+    assert vms.vm_interfaces(nics) == [{"bridge": "tdr-drill", "mac": mac}]
+    assert nics[0]["mac"] != dr[0]["mac"]
+    specs = vms.vm_run_specs([vm], {"app01": entry}, {"vms": {}}, "dr", "-d1", {"app01": ["x@clone-d1"]},
+                             {"app01": nics}, "probe")
+    assert specs["app01"]["domain_name"] == "app01-d1" and specs["app01"]["health_netns"] == "probe"
+    assert specs["app01"]["ip_before"] == "192.168.10.11" and specs["app01"]["address"] == "192.168.20.11"
