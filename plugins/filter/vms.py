@@ -100,8 +100,14 @@ def vm_drill_nics(vms, network_plan, bridge, drill="drill"):
     return out
 
 
+def vm_drill_exports(vms, drill="drill"):
+    """Per VM name, the export names of a drill clone of its volumes (tandemd serves a clone
+    NAME of export E as E@clone-NAME)."""
+    return {vm["name"]: [f"{v['export']}@clone-{drill}" for v in vm["volumes"]] for vm in vms}
+
+
 def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=None, nics_override=None,
-                 health_netns=None):
+                 health_netns=None, recovery_points=None):
     """Per VM of a recovery-plan run, what playbooks/tasks/run_plan.yml and vm_start.yml need:
     the host it starts on at site `to` (production or dr), the host its health check runs
     from, its address there (and before), and the vm role's inputs.
@@ -110,7 +116,8 @@ def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=N
     `to`=production its source. name_suffix: a drill copy's domain name suffix; exports:
     {name: [export names]} for a drill's clones; nics_override: {name: [site nics]} (a drill's
     isolated network); health_netns: the network namespace health checks run in (a drill's
-    probe on its isolated network)."""
+    probe on its isolated network); recovery_points: {name: {id, age_seconds}}, the RP each VM
+    starts from (a drill's clone; a failover that rolled back), for the report's achieved RPO."""
     if to not in ("production", "dr"):
         raise AnsibleFilterError(f"vm_run_specs: to must be production or dr, got {to!r}")
     back = "source" if to == "dr" else "target"
@@ -127,7 +134,8 @@ def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=N
         specs[name] = {"host": vm[to], "health_host": health_host, "vm": vm, "nics": site_nics,
                        "address": vm_address(site_nics), "ip_before": vm_address([n[back] for n in nics]),
                        "domain_name": name + name_suffix,
-                       "exports": (exports or {}).get(name), "health_netns": health_netns}
+                       "exports": (exports or {}).get(name), "health_netns": health_netns,
+                       "recovery_point": (recovery_points or {}).get(name)}
     return specs
 
 
@@ -135,4 +143,4 @@ class FilterModule:
     def filters(self):
         return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks, "vm_domain": vm_domain,
                 "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs,
-                "vm_drill_nics": vm_drill_nics}
+                "vm_drill_nics": vm_drill_nics, "vm_drill_exports": vm_drill_exports}
