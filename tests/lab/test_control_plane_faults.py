@@ -97,9 +97,9 @@ while time.monotonic() < end:
         time.sleep(0.1)
 """
 
-# Alert webhook receiver: prints each POSTed body on one line, for `seconds`.
+# Alert webhook receiver: prints its pid, then each POSTed body on one line, for `seconds`.
 RECEIVER = """
-import http.server, signal, sys
+import http.server, os, signal, sys
 signal.alarm(int(sys.argv[2]))
 class Hook(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
@@ -109,7 +109,9 @@ class Hook(http.server.BaseHTTPRequestHandler):
         self.end_headers()
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), Hook).serve_forever()
+server = http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), Hook)
+print("pid", os.getpid(), flush=True)
+server.serve_forever()
 """
 
 
@@ -197,6 +199,14 @@ class Lines(threading.Thread):
         for line in self.proc.stdout:
             self.lines.append((time.monotonic(), line.strip()))
 
+    def stop(self, lab, host: str) -> None:
+        """End the process in `host` by the pid it printed first (killing lxc-attach would
+        leave it running), then wait for it."""
+        first = self.lines[0][1].split() if self.lines else []
+        if first[:1] == ["pid"]:
+            lab.attach(host, "kill", first[1], timeout=10)
+        self.close(timeout=10)
+
     def close(self, timeout: float = 90) -> None:
         """Wait for the process to end by itself (its own alarm); kill the attach otherwise."""
         try:
@@ -275,6 +285,10 @@ def _largest_gap(times: list[float], since: float) -> tuple[float, float | None]
     series = ([before[-1]] if before else [since]) + [t for t in times if t > since]
     gaps = [(b - a, b) for a, b in zip(series, series[1:], strict=False)]
     return max(gaps) if gaps else (0.0, None)
+
+
+def _since(times: dict[str, float | None], t0: float) -> dict[str, float | None]:
+    return {k: None if t is None else round(t - t0, 2) for k, t in times.items()}
 
 
 @pytest.fixture(scope="module")
@@ -478,7 +492,7 @@ def test_crash_of_the_witness(trio, run):
     and again when the witness is back."""
     lab = trio
     primary, _ = _settle(lab)
-    hook = Lines(_spawn(lab, WEBHOOK_HOST, "python3", "-c", RECEIVER, str(WEBHOOK_PORT), "240"))
+    hook = Lines(_spawn(lab, WEBHOOK_HOST, "python3", "-c", RECEIVER, str(WEBHOOK_PORT), "300"))
     hook.start()
 
     def alerted(host: str, monitor: str, since: float) -> float | None:
@@ -490,20 +504,31 @@ def test_crash_of_the_witness(trio, run):
                 return at
         return None
 
-    writer = _start_writer()
     try:
-        _wait_acks(lab, writer)
-        since = int(time.time())
-        t0 = time.monotonic()
-        lab.labctl("crash", "witness")
-        lab.wait_for(lambda: all(alerted(h, "unreachable", t0) for h in DATA), timeout=60)
-        # Keep writing for a while with the witness gone.
-        lab.wait_for(lambda: time.monotonic() > t0 + 20, timeout=30)
-        vip = _vip_holders(lab)
-        writable = [h for h in DATA if _writable(lab, h)]
+        assert lab.wait_for(lambda: hook.lines, timeout=10), "the webhook receiver did not start"
+        writer = _start_writer()
+        try:
+            _wait_acks(lab, writer)
+            since = int(time.time())
+            t0 = time.monotonic()
+            lab.labctl("crash", "witness")
+            lab.wait_for(lambda: all(alerted(h, "unreachable", t0) for h in DATA), timeout=60)
+            # Keep writing for a while with the witness gone.
+            lab.wait_for(lambda: time.monotonic() > t0 + 20, timeout=30)
+            vip = _vip_holders(lab)
+            writable = [h for h in DATA if _writable(lab, h)]
+        finally:
+            writer.finish()
+        down_alerts = {h: alerted(h, "unreachable", t0) for h in DATA}
+
+        # The witness comes back: the monitor answers and both data nodes say so.
+        t_start = time.monotonic()
+        lab.labctl("start", "witness")
+        healthy = lab.wait_for(lambda: _healthy(lab), timeout=180, interval=1)
+        lab.wait_for(lambda: all(alerted(h, "up", t_start) for h in DATA), timeout=60)
+        up_alerts = {h: alerted(h, "up", t_start) for h in DATA}
     finally:
-        writer.finish()
-    down_alerts = {h: alerted(h, "unreachable", t0) for h in DATA}
+        hook.stop(lab, WEBHOOK_HOST)
 
     journal = lab.attach(primary, "journalctl", "-t", "tandem-cp-watch", "--since", f"@{since}",
                          "-o", "cat", "--no-pager").stdout
@@ -511,28 +536,15 @@ def test_crash_of_the_witness(trio, run):
     lost = _lost_on(lab, primary, acked)
     gap, _ = _largest_gap(writer.acks_after(t0 - 5), t0)
     errors = [e for e in writer.errors if e[0] > t0]
-    result = {
+    _record({
         "fault": "crash-witness", "run": run, "primary": primary,
         "write_errors": len(errors), "in_doubt": len(writer.doubt),
         "largest_write_gap_s": round(gap, 2),
         "vip_moved": vip != [primary],
-        "failure_to_alert_s": {h: at and round(at - t0, 2) for h, at in down_alerts.items()},
+        "failure_to_alert_s": _since(down_alerts, t0),
         "acknowledged": len(acked), "acknowledged_lost": len(lost),
-    }
-
-    # The witness comes back: the monitor answers and both data nodes say so.
-    t_start = time.monotonic()
-    try:
-        lab.labctl("start", "witness")
-        healthy = lab.wait_for(lambda: _healthy(lab), timeout=180, interval=1)
-        lab.wait_for(lambda: all(alerted(h, "up", t_start) for h in DATA), timeout=60)
-        up_alerts = {h: alerted(h, "up", t_start) for h in DATA}
-    finally:
-        hook.proc.kill()
-        hook.close(timeout=5)
-    result["witness_start_to_monitor_up_alert_s"] = {h: at and round(at - t_start, 2)
-                                                     for h, at in up_alerts.items()}
-    _record(result)
+        "witness_start_to_monitor_up_alert_s": _since(up_alerts, t_start),
+    })
 
     assert not errors, f"write errors through the VIP while the witness was down: {errors[:3]}"
     assert not writer.doubt
