@@ -66,13 +66,15 @@ RTO_TARGET = 20.0
 RTO_REQUIRED = 300.0
 
 # The writer run inside a data node (python3-psycopg, in the lab image), over the local socket as
-# postgres. Prints "ack ID MONOTONIC TIMELINE" or "doubt ID MONOTONIC"; the container shares
-# the lab machine's monotonic clock. SIGALRM ends it even if a commit hangs forever.
+# postgres. Prints its pid, then "ack ID MONOTONIC TIMELINE" or "doubt ID MONOTONIC"; the
+# container shares the lab machine's monotonic clock. SIGALRM ends it even if a commit hangs
+# forever and nobody stops it.
 LOCAL_WRITER = """
-import signal, sys, time
+import os, signal, sys, time
 import psycopg
 first, seconds = int(sys.argv[1]), float(sys.argv[2])
 signal.alarm(int(seconds) + 60)
+print("pid", os.getpid(), flush=True)
 end = time.monotonic() + seconds
 n, conn = first, None
 while time.monotonic() < end:
@@ -432,18 +434,20 @@ def test_isolation_of_the_active_node(trio, run):
     local = None
     try:
         _wait_acks(lab, writer)
-        # A client inside the old primary, on the far side of the partition.
-        local = LocalWriter(lab, old, first=10_000_000, seconds=60)
+        # A client inside the old primary, on the far side of the partition (stopped below).
+        local = LocalWriter(lab, old, first=10_000_000, seconds=120)
         assert lab.wait_for(lambda: len(local.acked()) >= 50, timeout=30), local.lines.lines[-3:]
         timeline = writer.acked[-1][2]
         t0 = time.monotonic()
         lab.labctl("isolate", old)
         t_fault = time.monotonic()
         seen = _fail_over(lab, writer, t0, t_fault, old, new, watch_old=True)
+        # The lab is shared: a global `labctl heal` of another test would void the figures.
+        still_isolated = {"fault": "isolate", "host": old} in lab.status()["faults"]
     finally:
         writer.finish()
         if local is not None:
-            local.lines.close()
+            local.lines.stop(lab, old)
 
     acks = [(at, tl) for _, at, tl in writer.acked + local.acked()]
     by_old = [at for at, tl in acks if tl == timeline]
@@ -471,6 +475,7 @@ def test_isolation_of_the_active_node(trio, run):
     result["rejoined_as"] = _state_of(lab, old)
     _record(result)
 
+    assert still_isolated, f"the isolation of {old} was lifted during the test, not by it"
     assert seen["first_ack"] is not None, f"no write acknowledged in {RTO_REQUIRED} s: {writer.errors[-3:]}"
     assert by_new, "no write acknowledged on the new timeline"
     assert "old_read_only" in seen, f"{old} stayed writable while isolated"
