@@ -33,6 +33,21 @@ def trio(request):
             for name in (*DATA, WITNESS)}
 
 
+@pytest.fixture(scope="module")
+def clients(request):
+    """hv-a1 (in the declared client network 10.202.10.0/24) and hv-b1 (in no allowed
+    network). Used only for TCP connect attempts: nothing is changed on them."""
+    inventory = request.config.getoption("ansible_inventory")
+    return {name: testinfra.get_host(f"ansible://{name}", ansible_inventory=inventory)
+            for name in ("hv-a1", "hv-b1")}
+
+
+def _connects(src, address: str, port: int) -> bool:
+    """True if `src` can open a TCP connection to address:port (a dropped SYN times out)."""
+    code = "import socket, sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()"
+    return src.run(f"python3 -c {shlex.quote(code)} {address} {port}").rc == 0
+
+
 def _sql(host, query: str, db: str = "postgres") -> str:
     return host.check_output(f"{PSQL} -d {db} -c {shlex.quote(query)}")
 
@@ -174,3 +189,40 @@ def test_transitions_are_in_the_journal(trio):
     assert "vip_state=MASTER" in vip
     watch = trio[primary].check_output("journalctl -t tandem-cp-watch -o cat --no-pager")
     assert "role=primary writable=yes" in watch
+
+
+# --- firewall (tandem.dr.common's table with the role's drop-in) ---------------------------
+
+
+def test_firewall_drop_in_is_loaded(trio):
+    for name, host in trio.items():
+        ruleset = host.check_output("nft list chain inet tandem_filter input")
+        if name == WITNESS:
+            assert 'tcp dport 5432 accept comment "pg_auto_failover monitor"' in ruleset, ruleset
+            assert "l4proto 112" not in ruleset
+        else:
+            peer = "10.202.40.12" if name == "cp-a" else "10.202.40.11"
+            # nft prints IP protocol 112 by its /etc/protocols name.
+            vrrp = [line.strip() for line in ruleset.splitlines() if "control-plane VRRP" in line]
+            assert vrrp in ([f'ip saddr {peer} meta l4proto {proto} accept comment "control-plane VRRP"']
+                            for proto in ("vrrp", "112")), ruleset
+            assert 'tcp dport 5432 accept comment "control-plane PostgreSQL"' in ruleset, ruleset
+
+
+def test_firewall_postgresql_only_from_the_trio_vip_and_client_networks(trio, clients):
+    # Allowed: a declared client network (hv-a1), the trio (witness -> data node).
+    assert _connects(clients["hv-a1"], VIP, 5432)
+    assert _connects(trio[WITNESS], VIP, 5432)
+    assert _connects(trio[WITNESS], "10.202.20.21", 5432)
+    # Not allowed: hv-b1's network is neither the VIP network nor a client network.
+    assert not _connects(clients["hv-b1"], VIP, 5432)
+    assert not _connects(clients["hv-b1"], "10.202.10.21", 5432)
+    # ssh stays open (tandem.dr.common), so the drop is the firewall, not a dead host.
+    assert _connects(clients["hv-b1"], "10.202.10.21", 22)
+
+
+def test_firewall_monitor_only_from_the_keepers(trio, clients):
+    assert _connects(trio["cp-a"], "10.202.30.11", 5432)
+    assert _connects(trio["cp-b"], "10.202.30.11", 5432)
+    assert not _connects(clients["hv-a1"], "10.202.30.11", 5432)
+    assert _connects(clients["hv-a1"], "10.202.30.11", 22)
