@@ -66,10 +66,10 @@ def _version_key(v: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"[.-]", v)]
 
 
-def module_order(version: str, wanted=MODULES) -> list[str]:
+def module_order(version: str, wanted=MODULES, modules_root: Path = Path("/lib/modules")) -> list[str]:
     """The module files (relative to /lib/modules/VERSION) to load, dependencies first."""
     deps = {}
-    for line in (Path("/lib/modules") / version / "modules.dep").read_text().splitlines():
+    for line in (modules_root / version / "modules.dep").read_text().splitlines():
         mod, _, rest = line.partition(":")
         deps[mod] = rest.split()
     by_name = {Path(m).name.split(".ko")[0].replace("-", "_"): m for m in deps}

@@ -54,7 +54,11 @@ def write_seed(lab, host: str, vm: str, seed: dict) -> str:
 
 
 def define(lab, host: str, domain: dict) -> str:
-    """Write the domain XML on the hypervisor and `virsh define` it."""
+    """Write the domain XML on the hypervisor and `virsh define` it (keeping the uuid of a
+    domain already defined under that name: libvirt refuses to redefine it without)."""
+    uuid = lab.attach(host, "virsh", "-q", "domuuid", domain["name"])
+    if uuid.returncode == 0:
+        domain = {**domain, "uuid": uuid.stdout.strip()}
     path = f"{VM_DIR}/{domain['name']}/domain.xml"
     lab.put(host, path, render("libvirt-domain.xml.j2", domain=domain))
     proc = lab.attach(host, "virsh", "-q", "define", path)

@@ -66,6 +66,7 @@ def guest(lab, tmp_path_factory):
     for host in HYPERVISORS:
         undefine(lab, host, VM)
         lab.attach(host, "rm", "-rf", f"{VM_DIR}/{VM}", "/var/lib/libvirt/images/tandem-guest")
+        lab.attach(host, "rmdir", "--ignore-fail-on-non-empty", VM_DIR)
     remove_engine(lab)
     for host in HYPERVISORS:
         lab.attach(host, "rm", "-rf", f"/srv/tandem/{VM}")
