@@ -7,6 +7,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -38,8 +39,8 @@ def test_modules_load_dependencies_first(tmp_path):
 def test_each_hypervisor_gets_a_host_only_guest_bridge_in_its_site_subnet():
     topo = topology.load()
     specs = {h.name: h.vars[guest.NETWORK_VAR] for h in topo.hosts.values() if h.hypervisor}
-    assert {n: s["subnet"] for n, s in specs.items()} == {"hv-a1": "192.168.10.0/24",
-                                                         "hv-b1": "192.168.20.0/24"}
+    subnets = {n: s["subnet"] for n, s in specs.items()}
+    assert subnets == {"hv-a1": "192.168.10.0/24", "hv-b1": "192.168.20.0/24"}
     unit = guest.bridge_unit(specs["hv-a1"])
     assert "ip addr replace 192.168.10.1/24 dev tdr-guest" in unit
     assert "ip link add tdr-guest type bridge" in unit
@@ -93,3 +94,34 @@ def test_records_are_the_valid_chained_prefix_of_the_disk():
     assert [r.seq for r in guestlib.records(bytes(torn))] == [1, 2]
     # A valid record that does not chain to the one before it ends the prefix too.
     assert [r.seq for r in guestlib.records(disk[:guestlib.RECORD] + _record(2, "f" * 16))] == [1]
+
+
+def test_the_domain_template_gives_nbd_disks_then_the_seed_and_the_nics():
+    xml = guestlib.render("libvirt-domain.xml.j2", domain={
+        "name": "db<1>", "uuid": "6ee3e83b-2842-4850-a169-bc9c6900e82c", "kernel": "/k", "initrd": "/i",
+        "disks": [{"socket": "/run/tandem/db1.nbd", "export": "db1/disk0"},
+                  {"socket": "/run/tandem/db1.nbd", "export": "db1/disk1"}],
+        "seed": "/var/lib/tandem-guest/db1/seed.img",
+        "nics": [{"bridge": "tdr-guest", "mac": "52:54:00:00:00:01"}, {"network": "isolated"}]})
+    dom = ET.fromstring(xml)
+    assert dom.get("type") == "qemu" and dom.findtext("name") == "db<1>"
+    assert dom.findtext("uuid") == "6ee3e83b-2842-4850-a169-bc9c6900e82c"
+    assert dom.find("features/acpi") is not None and dom.findtext("os/kernel") == "/k"
+    disks = dom.findall("devices/disk")
+    assert [(d.find("source").get("name"), d.find("source/host").get("socket"), d.find("target").get("dev"))
+            for d in disks[:2]] == [("db1/disk0", "/run/tandem/db1.nbd", "vda"),
+                                    ("db1/disk1", "/run/tandem/db1.nbd", "vdb")]
+    assert all(d.find("source/host").get("transport") == "unix" for d in disks[:2])
+    seed = disks[2]
+    assert (seed.find("source").get("file"), seed.find("target").get("dev")) == (
+        "/var/lib/tandem-guest/db1/seed.img", "vdc")
+    assert seed.find("readonly") is not None
+    nics = dom.findall("devices/interface")
+    assert [(n.get("type"), n.find("source").attrib) for n in nics] == [
+        ("bridge", {"bridge": "tdr-guest"}), ("network", {"network": "isolated"})]
+    assert nics[0].find("mac").get("address") == "52:54:00:00:00:01" and nics[1].find("mac") is None
+    # Without a kernel the domain boots its first disk; without a console log, a pty.
+    bare = ET.fromstring(guestlib.render("libvirt-domain.xml.j2", domain={
+        "name": "x", "disks": [{"socket": "/s", "export": "x/disk0"}]}))
+    assert bare.find("os/kernel") is None and bare.find("os/boot").get("dev") == "hd"
+    assert bare.find("devices/serial").get("type") == "pty" and bare.find("uuid") is None
