@@ -38,6 +38,7 @@ help:
 	@echo "make demo        bring the lab up and run the demo playbook"
 	@echo "make collection  build dist/tandem-dr-VERSION.tar.gz; make ee-context: the AWX EE build context"
 	@echo "make lab-up / lab-down / lab-status / lab-up-xfs / lab-clean-cache"
+	@echo "make lab-guest-image  build the lab guest (Debian kernel + busybox initramfs)"
 
 # The last step is one pytest run over unit and lab tests, so `make test` ends
 # with pytest's summary line and fails if anything failed.

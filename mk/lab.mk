@@ -1,16 +1,18 @@
 # mk/lab.mk -- the LXC lab (two sites and a witness on this machine). See docs/lab.md.
 #
-# Targets: lab-deps lab-up lab-up-xfs lab-down lab-status lab-clean-cache
+# Targets: lab-deps lab-up lab-up-xfs lab-down lab-status lab-clean-cache lab-guest-image
 
 ifndef TANDEM_LAB_MK
 TANDEM_LAB_MK := 1
 
 LABCTL := ./lab/labctl
 # What the lab machine itself needs (the lab hosts get everything from the image).
-LAB_HOST_PACKAGES := lxc debootstrap nftables iproute2 openssh-client xfsprogs curl
+# linux-image-amd64, busybox-static and cpio build the lab guest image (lab-guest-image).
+LAB_HOST_PACKAGES := lxc debootstrap nftables iproute2 openssh-client xfsprogs curl \
+	linux-image-amd64 busybox-static cpio
 LAB_CACHE ?= /var/cache/tandem-lab
 
-.PHONY: lab-deps lab-up lab-up-xfs lab-down lab-status lab-clean-cache
+.PHONY: lab-deps lab-up lab-up-xfs lab-down lab-status lab-clean-cache lab-guest-image
 
 lab-deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "the lab needs root" >&2; exit 1; fi
@@ -25,6 +27,10 @@ lab-up-xfs: lab-deps
 
 lab-down: lab-deps
 	$(LABCTL) down
+
+# The lab guest (docs/lab-guest.md): kernel + busybox initramfs, into $(LAB_CACHE)/guest/<key>.
+lab-guest-image: lab-deps
+	$(LABCTL) guest-image
 
 lab-status:
 	@$(LABCTL) status

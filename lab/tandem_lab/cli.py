@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from . import faults, lab
+from . import faults, guest, lab
 from .paths import Paths
 from .system import CommandError
 from .topology import TopologyError, load
@@ -24,6 +24,10 @@ def _parser() -> argparse.ArgumentParser:
                     default=os.environ.get("TANDEM_LAB_DATA_FS", "dir"),
                     help="hypervisor data on plain directories or on XFS with reflink (loop device)")
     sub.add_parser("down", help="remove everything the lab made (keeps the rootfs cache)")
+    g = sub.add_parser("guest-image", help="build the lab guest image (kernel + busybox initramfs) "
+                       "into the cache; with HOST..., also copy it into those lab hosts")
+    g.add_argument("hosts", nargs="*", metavar="HOST")
+    g.add_argument("--force", action="store_true", help="rebuild even if the cache has it")
     st = sub.add_parser("status", help="hosts, networks and active faults")
     st.add_argument("--json", action="store_true")
 
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
     try:
         topo = load()
         return _dispatch(args, topo, paths)
-    except (TopologyError, ValueError, RuntimeError, CommandError, TimeoutError) as e:
+    except (TopologyError, guest.GuestImageError, ValueError, RuntimeError, CommandError, TimeoutError) as e:
         print(f"labctl {args.cmd}: {e}", file=sys.stderr)
         return 1
 
@@ -65,6 +69,10 @@ def _dispatch(args, topo, paths) -> int:
         print(json.dumps({"lab": "up", **result}))
     elif cmd == "down":
         lab.down(topo, paths)
+    elif cmd == "guest-image":
+        info = guest.build(paths, force=args.force)
+        info["hosts"] = {h: guest.push(paths, h, info) for h in args.hosts}
+        print(json.dumps(info, indent=2))
     elif cmd == "status":
         st = lab.status(topo, paths)
         if args.json:

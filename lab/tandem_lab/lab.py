@@ -14,7 +14,7 @@ import shutil
 import socket
 import time
 
-from . import faults, image, network, render
+from . import faults, guest, image, network, render
 from .containers import Containers, lxc_monitor_pids
 from .paths import Paths
 from .system import out, run, step, warn
@@ -87,6 +87,7 @@ def up(topo: Topology, paths: Paths, data_fs: str = "dir") -> dict:
 
     _write_known_hosts(topo, paths, lxc)
     _wait_ssh(topo)
+    guest.ensure_networks(topo, paths)
     _write_inventory(topo, paths)
     image.prune(paths, keep={rootfs})
     total = time.monotonic() - t0

@@ -19,7 +19,6 @@ tests/output/playbook_timings.json.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import threading
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dr_helpers import Run, ctl_status, forget_resources, playbook, remove_engine, start_crashed
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest"
@@ -44,18 +44,6 @@ GROUP = {"tandem_protection_group": {"name": "labtest", "vms": [
 HOT = 1024                       # vol03's writes stay in its first 4 MiB: one activity-log extent
 # vol02's resync, slowed down so that a crash lands in the middle of it.
 SLOW_RESYNC = {"resync_rate_max": "128KiB", "resync_rate_min": "64KiB"}
-RECAP = re.compile(r"^(\S+)\s+:\s+ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", re.M)
-
-
-class Run:
-    def __init__(self, proc: subprocess.CompletedProcess, seconds: float):
-        self.proc, self.seconds, self.output = proc, seconds, proc.stdout + proc.stderr
-        self.recap = {m[1]: {"changed": int(m[3]), "unreachable": int(m[4]), "failed": int(m[5])}
-                      for m in RECAP.finditer(proc.stdout)}
-
-    @property
-    def changed(self) -> int:
-        return sum(h["changed"] for h in self.recap.values())
 
 
 class Journal:
@@ -131,12 +119,6 @@ def check_data(lab, host: str, vm: str, expect: dict[int, int], maybe: set[tuple
     assert not extra, f"{vm} on {host}: blocks hold writes that were never sent: {extra[:5]}"
 
 
-def ctl_status(lab, host: str, vm: str) -> dict:
-    proc = lab.attach(host, "tandemctl", "status", vm, "--json")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return json.loads(proc.stdout)["resources"][0]
-
-
 class DRRuns:
     def __init__(self, lab, tmp: Path):
         self.lab, self.tmp = lab, tmp
@@ -153,21 +135,12 @@ class DRRuns:
 
     def playbook(self, name: str, *extra: str, check: bool = False, record: str | None = None,
                  expect_ok: bool = True, timeout: float = 900) -> Run:
-        cmd = [str(Path(os.sys.executable).parent / "ansible-playbook"), "-i", str(self.lab.inventory),
-               f"playbooks/{name}.yml", "-e", f"tandem_protection_group_file={self.group}", *extra]
-        if check:
-            cmd += ["--check", "--diff"]
-        env = {**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"}
-        t0 = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
-        run = Run(proc, time.monotonic() - t0)
+        run = playbook(self.lab, name, *extra, group=self.group, check=check, expect_ok=expect_ok,
+                       timeout=timeout)
         if record:
             self.timings[record] = round(run.seconds, 1)
             TIMINGS.parent.mkdir(parents=True, exist_ok=True)
             TIMINGS.write_text(json.dumps(self.timings, indent=2) + "\n")
-        if expect_ok:
-            assert proc.returncode == 0, (f"{' '.join(cmd[2:])} failed (rc {proc.returncode}):\n"
-                                          f"{run.output[-6000:]}")
         return run
 
     def record_moved(self, what: str, run: Run) -> str:
@@ -185,42 +158,22 @@ class DRRuns:
         return run
 
 
-def _clean_host(lab, host: str) -> None:
-    """Forget vol01/vol02 on a host, so that the module starts from a blank lab."""
-    script = ("systemctl stop tandemd; "
-              "rm -f /etc/tandem/resources.d/vol0[123].toml /etc/tandem/secrets/vol0[123].key; "
-              "rm -rf /var/lib/tandem/vol0[123] /srv/tandem/vol0[123]; "
-              "systemctl start tandemd")
-    proc = lab.attach(host, "sh", "-c", script, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-
-
-def _start_crashed(lab) -> None:
-    for fault in lab.status()["faults"]:
-        if fault["fault"] == "crashed":
-            lab.labctl("start", fault["host"])
-
-
 @pytest.fixture(scope="module")
 def dr(lab, tmp_path_factory):
     lab.labctl("heal")
-    _start_crashed(lab)
+    start_crashed(lab)
     d = DRRuns(lab, tmp_path_factory.mktemp("dr"))
     run = d.playbook("engine", record="engine (converge)")
     d.playbook("engine", record="engine (second run)")
     assert run.proc.returncode == 0
     for host in (PROD, DR):
-        _clean_host(lab, host)
+        forget_resources(lab, host, "vol0[123]")
         lab.put(host, "/root/nbdclient.py", NBDCLIENT.read_text())
         lab.put(host, "/root/nbd_journal.py", (GUEST / "nbd_journal.py").read_text())
     yield d
     lab.labctl("heal")
-    _start_crashed(lab)
-    # Leave the hypervisors as the other lab tests expect them: no tandemd, no firewall.
-    cleanup = subprocess.run(
-        [str(Path(os.sys.executable).parent / "ansible-playbook"), "-i", str(lab.inventory),
-         "molecule/engine/cleanup.yml"], capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert cleanup.returncode == 0, cleanup.stdout[-3000:] + cleanup.stderr[-2000:]
+    start_crashed(lab)
+    remove_engine(lab)
     for host in (PROD, DR):
         lab.attach(host, "rm", "-rf", "/srv/tandem/vol01", "/srv/tandem/vol02", "/srv/tandem/vol03",
                    "/root/nbd_journal.py",
@@ -320,7 +273,7 @@ def maybe_landed(lab, host: str, vm: str, maybe) -> dict[int, int]:
 
 def test_failover_during_interrupted_resync_uses_the_last_consistent_rp(dr):
     lab = dr.lab
-    _start_crashed(lab)
+    start_crashed(lab)
     # hv-a1 came back from the crash test as Secondary for vol02 too (a restarted node
     # always does, as with DRBD); vol02 never failed over, so it is promoted again there.
     assert lab.wait_for(lambda: ctl_status(lab, PROD, "vol02")["connection"] == "Connected", timeout=60)
@@ -359,7 +312,7 @@ def test_failback_after_a_crash_resyncs_only_the_changes_and_the_hot_area(dr):
     writes at DR in the same 4 MiB, failback. The reverse resync is the activity log's hot
     area plus what DR changed: a few MiB, not the 64 MiB a full copy would move."""
     lab = dr.lab
-    _start_crashed(lab)
+    start_crashed(lab)
     assert lab.wait_for(lambda: ctl_status(lab, PROD, "vol03")["connection"] == "Connected", timeout=60)
     if ctl_status(lab, PROD, "vol03")["role"] != "Primary":
         proc = lab.attach(PROD, "tandemctl", "primary", "vol03")
