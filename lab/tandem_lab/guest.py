@@ -189,6 +189,9 @@ def push(paths: Paths, host: str, info: dict) -> dict[str, str]:
         with open(src / name, "rb") as f:
             subprocess.run([*attach, "sh", "-c", 'mkdir -p "${0%/*}" && cat > "$0.tmp" && mv "$0.tmp" "$0"',
                             target], stdin=f, check=True, timeout=300)
+    # A stable name for the image the host has now, for domains defined by path (the lab's
+    # protection group): <REMOTE_DIR>/current -> <key>.
+    subprocess.run([*attach, "ln", "-sfn", info["key"], f"{REMOTE_DIR}/current"], check=True, timeout=60)
     return {"kernel": f"{remote}/vmlinux", "vmlinuz": f"{remote}/vmlinuz",
             "initrd": f"{remote}/initramfs.cpio.gz"}
 

@@ -46,7 +46,7 @@ def vm_nbd_disks(vm, socket_dir="/run/tandem", exports=None):
     return [{"target": TARGETS[i], "socket": socket, "export": e} for i, e in enumerate(names)]
 
 
-def vm_domain(vm, site_nics, vm_dir="/var/lib/tandem/vms", socket_dir="/run/tandem", name=None,
+def vm_domain(vm, site_nics, vm_dir="/var/lib/tandem-vms", socket_dir="/run/tandem", name=None,
               exports=None):
     """The input of the role's libvirt-domain.xml.j2 for a VM that Tandem DR defines (it has a
     `domain` in the protection group): hardware from there, disks on tandemd, the seed drive,

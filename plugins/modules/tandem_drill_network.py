@@ -32,7 +32,7 @@ options:
     type: str
     required: true
   netns:
-    description: Probe namespace name.
+    description: Probe namespace name (at most 64 characters).
     type: str
     required: true
   addresses:
@@ -97,7 +97,8 @@ import re
 from ansible.module_utils.basic import AnsibleModule
 
 PROBE = "probe0"
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,13}$")
+# The bridge's name must leave room for "-p" in the 15 characters of an interface name.
+NAMES = {"bridge": re.compile(r"^[A-Za-z0-9_.-]{1,13}$"), "netns": re.compile(r"^[A-Za-z0-9_.-]{1,64}$")}
 
 
 class Net:
@@ -195,9 +196,10 @@ def main():
         supports_check_mode=True,
     )
     p = module.params
-    for key in ("bridge", "netns"):
-        if not NAME_RE.match(p[key]):
-            module.fail_json(msg=f"{key} {p[key]!r}: use [A-Za-z0-9_.-], at most 13 characters")
+    for key, pattern in NAMES.items():
+        if not pattern.match(p[key]):
+            most = 13 if key == "bridge" else 64
+            module.fail_json(msg=f"{key} {p[key]!r}: use [A-Za-z0-9_.-], at most {most} characters")
     net = Net(module)
     if p["state"] == "present":
         present(net, p["bridge"], p["netns"], p["addresses"])

@@ -43,11 +43,11 @@ def test_domain_at_each_side(vm_and_sides):
     assert at_a["disks"] == [{"socket": "/run/tandem/app01.nbd", "export": "app01/disk0"},
                              {"socket": "/run/tandem/app01.nbd", "export": "app01-data"}]
     assert at_a["nics"] == [{"bridge": "tdr-guest", "mac": "52:54:00:0a:00:11"}]
-    assert at_a["seed"] == "/var/lib/tandem/vms/app01/seed.img"
+    assert at_a["seed"] == "/var/lib/tandem-vms/app01/seed.img"
     at_b = vms.vm_domain(vm, dr)
     assert at_b["nics"] == [{"bridge": "tdr-guest", "vlan": 20, "mac": "52:54:00:0a:00:11"}]
     drill = vms.vm_domain(vm, dr, name="app01-drill", exports=["app01/disk0@clone-d", "app01-data@clone-d"])
-    assert drill["name"] == "app01-drill" and drill["seed"] == "/var/lib/tandem/vms/app01-drill/seed.img"
+    assert drill["name"] == "app01-drill" and drill["seed"] == "/var/lib/tandem-vms/app01-drill/seed.img"
     assert [d["export"] for d in drill["disks"]] == ["app01/disk0@clone-d", "app01-data@clone-d"]
 
 
