@@ -76,7 +76,10 @@ def sample(metrics: dict, name: str, **labels) -> float:
 
 
 @pytest.fixture
-def setup(tmp_path, db, server_class):
+def setup(request, tmp_path, db, server_class):
+    """(pair, db, server, receiver); parametrize with read_only=True for a center whose database
+    is read-only (as on a standby)."""
+    read_only = getattr(request, "param", {}).get("read_only", False)
     pair = Pair(tmp_path / "pair", proxy=True, monitor=True)
     receiver = Receiver()
     server = None
@@ -104,6 +107,9 @@ def setup(tmp_path, db, server_class):
                     f'client_cert = "{client.cert}"\nclient_key = "{client.key}"\nengine_ca = "{engine_ca}"\n'
                     "interval = 0.5\nunreachable_after = 2\nbackoff_max = 1\nconnect_timeout = 2\n"
                     f'[alerts]\nwebhook_url = "{receiver.url}"\nwebhook_timeout = 2.0\n')
+        if read_only:
+            with db.connect() as conn:
+                conn.execute(f'ALTER DATABASE "{db.name}" SET default_transaction_read_only = on')
         server.start()
         yield pair, db, server, receiver
     finally:
@@ -181,3 +187,20 @@ def test_engine_unreachable_alert_and_recovery(setup):
             "WHERE h.name = 'b' AND source = 'center' AND event IN ('unreachable', 'reachable') "
             "ORDER BY e.id")]
     assert seen == ["unreachable", "reachable"]
+
+
+@pytest.mark.parametrize("setup", [{"read_only": True}], indirect=True)
+def test_a_read_only_instance_reads_and_serves_metrics_but_writes_nothing(setup):
+    pair, db, server, receiver = setup
+    labels = {"hypervisor": "a", "resource": "vm1", "vm": "web1"}
+    m = wait_for(lambda: (lambda m: m if ("tandem_replication_mode", tuple(sorted(
+        {**labels, "mode": "in-sync"}.items()))) in m else None)(scrape(server.url)), what="metrics")
+    assert sample(m, "tandem_replication_mode", **labels, mode="in-sync") == 1
+    assert sample(m, "tandem_control_plane_role", role="standby") == 1
+    pair.b.stop()                                  # would raise engine-unreachable on a writer
+    wait_for(lambda: sample(scrape(server.url), "tandem_engine_reachable", hypervisor="b") == 0,
+             what="b unreachable on /metrics")
+    time.sleep(3)                                  # past unreachable_after
+    assert states(db) == {} and open_alerts(db) == [] and receiver.notices == []
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM engine_events").fetchone()[0] == 0

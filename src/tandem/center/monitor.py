@@ -200,21 +200,26 @@ class Monitor:
     # -- database ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _writer(self):
-        """A connection if this instance writes (its database is the writable primary), else None."""
+    async def _writer(self, read: bool = False):
+        """A connection if this instance writes (its database is the writable primary), else None;
+        with read=True also a read-only one (as (conn, writable))."""
         async with contextlib.AsyncExitStack() as stack:
             try:
                 conn = await stack.enter_async_context(self.pool.connection(timeout=self.cfg.connect_timeout))
-                row = await (await conn.execute("SELECT pg_is_in_recovery() AS ro")).fetchone()
+                # A standby, or a database made read-only (the API's 503 case): read, do not write.
+                row = await (await conn.execute(
+                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool AS ro"
+                )).fetchone()
             except (psycopg.OperationalError, PoolTimeout) as e:
                 log.warning("monitor: database unavailable: %s", e)
                 self.metrics.set_role("unknown")
-                conn = None
+                yield (None, False) if read else None
+                return
+            self.metrics.set_role("standby" if row["ro"] else "primary")
+            if read:
+                yield conn, not row["ro"]
             else:
-                self.metrics.set_role("standby" if row["ro"] else "primary")
-                if row["ro"]:
-                    conn = None
-            yield conn
+                yield None if row["ro"] else conn
 
     @staticmethod
     async def _guarded(what: str, coro) -> None:
@@ -248,12 +253,12 @@ class Monitor:
         self.metrics.set_reachable(hv, True)
         was_unreachable = self._unreachable.pop(hv, None)
         notices: list[tuple[str, dict]] = []
-        async with self._writer() as conn:
+        async with self._writer(read=True) as (conn, writable):
             policies = {}
             if conn is not None:
                 policies = await self._policies(conn)
             self.metrics.update(hv, resources, {n: p.vm for n, p in policies.items()})
-            if conn is None:
+            if not writable:
                 return
             now = time.time()
             async with conn.transaction():
