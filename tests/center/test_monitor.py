@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.engine.harness import Pair  # noqa: E402
+from tests.engine.nbdclient import Client  # noqa: E402
 
 SYNC_TIMEOUT_S = 2        # the policy's tolerated degraded time
 
@@ -79,7 +80,8 @@ def sample(metrics: dict, name: str, **labels) -> float:
 def setup(request, tmp_path, db, server_class):
     """(pair, db, server, receiver); parametrize with read_only=True for a center whose database
     is read-only (as on a standby)."""
-    read_only = getattr(request, "param", {}).get("read_only", False)
+    param = getattr(request, "param", {})
+    read_only = param.get("read_only", False)
     pair = Pair(tmp_path / "pair", proxy=True, monitor=True)
     receiver = Receiver()
     server = None
@@ -106,6 +108,7 @@ def setup(request, tmp_path, db, server_class):
             f.write("[monitor]\nenabled = true\n"
                     f'client_cert = "{client.cert}"\nclient_key = "{client.key}"\nengine_ca = "{engine_ca}"\n'
                     "interval = 0.5\nunreachable_after = 2\nbackoff_max = 1\nconnect_timeout = 2\n"
+                    f"rpo_max_bytes = {param.get('rpo_max_bytes', 0)}\n"
                     f'[alerts]\nwebhook_url = "{receiver.url}"\nwebhook_timeout = 2.0\n')
         if read_only:
             with db.connect() as conn:
@@ -204,3 +207,42 @@ def test_a_read_only_instance_reads_and_serves_metrics_but_writes_nothing(setup)
     assert states(db) == {} and open_alerts(db) == [] and receiver.notices == []
     with db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM engine_events").fetchone()[0] == 0
+
+
+def write_blocks(node, blocks: range, fill: bytes) -> None:
+    c = Client(node.nbd_socket("vm1"), "vm1/disk0")
+    try:
+        for b in blocks:
+            c.write(b * 4096, fill * 4096, fua=True)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("setup", [{"rpo_max_bytes": 8192}], indirect=True)
+def test_rpo_exposure_and_split_brain_alerts(setup):
+    pair, db, server, receiver = setup
+    wait_for(lambda: states(db) == {("a", "vm1"): "in-sync", ("b", "vm1"): "in-sync"}, what="in-sync states")
+    pair.link.set(down=True)
+    pair.wait(lambda: pair.a.status("vm1")["connection"] != "Connected", what="link loss")
+    write_blocks(pair.a, range(10, 20), b"A")        # 40 KiB the peer does not have
+    wait_for(lambda: receiver.of("engine:a:vm1:rpo") == ["raised"], what="RPO exposure webhook")
+    rpo = next(n for n in receiver.notices if n["alert"]["dedup_key"] == "engine:a:vm1:rpo")["alert"]
+    assert rpo["details"]["bytes"] == 10 * 4096 and rpo["details"]["allowed_bytes"] == 8192
+    assert sample(scrape(server.url), "tandem_rpo_exposure_bytes", hypervisor="a", resource="vm1",
+                  vm="web1") == 10 * 4096
+
+    # Both sides write as Primary, then the link comes back: split brain on both engines.
+    pair.b.ctl("primary", "vm1", "--force")
+    write_blocks(pair.b, range(15, 25), b"B")
+    pair.a.ctl("secondary", "vm1")
+    pair.link.set(down=False)
+    keys = ["engine:a:vm1:split-brain", "engine:b:vm1:split-brain"]
+    wait_for(lambda: all(receiver.of(k) == ["raised"] for k in keys), what="split-brain webhooks")
+    assert set(keys) <= set(open_alerts(db))
+    assert {states(db)[("a", "vm1")], states(db)[("b", "vm1")]} == {"split-brain"}
+
+    for node in (pair.a, pair.b):                   # the operator resolves: a's changes go
+        node.ctl("resolve", "vm1", "--discard", "a")
+    wait_for(lambda: all(receiver.of(k) == ["raised", "cleared"] for k in keys), timeout=60,
+             what="split-brain recovery notices")
+    assert receiver.of("engine:a:vm1:rpo") == ["raised", "cleared"]     # a is Secondary now
