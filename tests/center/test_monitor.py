@@ -109,6 +109,7 @@ def setup(request, tmp_path, db, server_class):
                     f'client_cert = "{client.cert}"\nclient_key = "{client.key}"\nengine_ca = "{engine_ca}"\n'
                     "interval = 0.5\nunreachable_after = 2\nbackoff_max = 1\nconnect_timeout = 2\n"
                     f"rpo_max_bytes = {param.get('rpo_max_bytes', 0)}\n"
+                    f"control_plane = {json.dumps(param.get('control_plane', False))}\n"
                     f'[alerts]\nwebhook_url = "{receiver.url}"\nwebhook_timeout = 2.0\n')
         if read_only:
             with db.connect() as conn:
@@ -246,3 +247,13 @@ def test_rpo_exposure_and_split_brain_alerts(setup):
     wait_for(lambda: all(receiver.of(k) == ["raised", "cleared"] for k in keys), timeout=60,
              what="split-brain recovery notices")
     assert receiver.of("engine:a:vm1:rpo") == ["raised", "cleared"]     # a is Secondary now
+
+
+@pytest.mark.parametrize("setup", [{"control_plane": True}], indirect=True)
+def test_db_sync_lost_from_the_real_database(setup):
+    """The fixture's PostgreSQL has no standby at all: no synchronous standby, so db-sync-lost."""
+    pair, db, server, receiver = setup
+    wait_for(lambda: receiver.of("cp:db-sync-lost") == ["raised"], what="db-sync-lost webhook")
+    time.sleep(2)
+    assert receiver.of("cp:db-sync-lost") == ["raised"] and "cp:db-sync-lost" in open_alerts(db)
+    assert not [k for k in open_alerts(db) if k in ("cp:witness-down", "cp:vip-moved")]

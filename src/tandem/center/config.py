@@ -25,6 +25,7 @@
     unreachable_after = 30.0              # engine-unreachable alert after this long
     backoff_max = 30.0                    # reconnect backoff cap
     rpo_max_bytes = 0                     # RPO exposure alert above this many bytes (0: off)
+    control_plane = false                 # db-sync-lost from pg_stat_replication (needs pg_monitor)
 
     [alerts]                              # sinks (tandem.center.sinks); each optional
     webhook_url = "https://hooks.example/tandem"
@@ -103,6 +104,7 @@ class MonitorConfig:
     backoff_max: float = 30.0
     connect_timeout: float = 5.0
     rpo_max_bytes: int = 0
+    control_plane: bool = False
 
 
 @dataclass

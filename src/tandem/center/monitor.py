@@ -39,6 +39,8 @@ from .sinks import Notifier
 
 log = logging.getLogger("tandem.center.monitor")
 
+CONTROL_PLANE_KEYS = {"cp:witness-down": "witness_reachable", "cp:db-sync-lost": "sync_standbys",
+                      "cp:vip-moved": "vip_holder"}
 MAX_LINE = 16 << 20       # a status of many resources; more is a broken or hostile engine
 
 
@@ -124,7 +126,9 @@ class Monitor:
             while True:
                 try:
                     await self._refresh()
-                except (psycopg.Error, OSError) as e:
+                    if self.cfg.control_plane:
+                        await self.check_control_plane(await self.control_plane_snapshot())
+                except (psycopg.Error, OSError, PoolTimeout) as e:
                     log.warning("monitor: cannot read the catalogue: %s", e)
                     self.metrics.set_role("unknown")
                 await asyncio.sleep(max(self.cfg.interval, 1.0))
@@ -353,6 +357,26 @@ class Monitor:
 
     # -- control plane (the seam) ------------------------------------------------------------
 
+    async def control_plane_snapshot(self) -> dict:
+        """What this instance can see of the trio from its database connection: the synchronous
+        standbys of the primary (pg_stat_replication; needs pg_monitor, else not evaluated).
+        Witness reachability and the VIP holder are not gathered yet (None: not evaluated)."""
+        snapshot: dict = {"witness_reachable": None, "vip_holder": None, "vip_expected": None,
+                          "sync_standbys": None}
+        async with self._writer() as conn:
+            if conn is None:
+                return snapshot
+            row = await (await conn.execute(
+                "SELECT pg_has_role(current_user, 'pg_monitor', 'USAGE') AS allowed, "
+                "(SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')) AS n"
+            )).fetchone()
+            if row["allowed"]:
+                snapshot["sync_standbys"] = row["n"]
+            else:
+                log.warning("monitor: control_plane: the database user lacks pg_monitor; "
+                            "database sync is not checked")
+        return snapshot
+
     async def check_control_plane(self, snapshot: dict) -> None:
         """Raise/clear the control-plane alerts of a snapshot (evaluate.control_plane_conditions)."""
         notices = []
@@ -360,7 +384,10 @@ class Monitor:
             if conn is None:
                 return
             async with conn.transaction():
-                notices = await self._sync_alerts(conn, "cp:", evaluate.control_plane_conditions(snapshot))
+                conds = evaluate.control_plane_conditions(snapshot)
+                for key, field in CONTROL_PLANE_KEYS.items():     # only what the snapshot has
+                    if snapshot.get(field) is not None:
+                        notices += await self._sync_alerts(conn, key, [c for c in conds if c[0] == key])
         for event, alert in notices:
             self.notifier.notify(event, alert)
 
