@@ -137,3 +137,16 @@ def test_hostile_input_does_not_hurt_the_daemon(pair):
     with pair.a.root.joinpath("tandemd.log").open() as log:
         assert "Traceback" not in log.read()
     assert request(pair, pair.a, {"cmd": "status"})["resources"][0]["connection"] == "Connected"
+
+
+def test_unusable_monitor_files_stop_tandemd_with_a_clear_error(tmp_path):
+    p = Pair(tmp_path, monitor=True)
+    key_index = p.a.extra_args.index("--monitor-key") + 1
+    p.a.extra_args[key_index] = str(tmp_path / "missing.key")
+    try:
+        with pytest.raises(RuntimeError, match="exited"):
+            p.a.start()
+        assert p.a.proc.wait(10) == 2
+        assert "monitor endpoint: monitor TLS files" in p.a.log.read_text()
+    finally:
+        p.stop()

@@ -227,11 +227,14 @@ class Monitor:
 
     @staticmethod
     async def _guarded(what: str, coro) -> None:
-        """A database failure while recording is logged; the follower goes on."""
+        """A database failure (or a malformed status from an engine) while recording is logged;
+        the follower goes on."""
         try:
             await coro
         except psycopg.Error as e:
             log.warning("monitor: %s: database error: %s", what, e)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            log.error("monitor: %s: unexpected status or event from the engine: %r", what, e)
 
     async def _record_event(self, hv: str, event: dict) -> None:
         detail = {k: v for k, v in event.items() if k not in ("ts", "resource", "event")}
