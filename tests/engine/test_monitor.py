@@ -150,3 +150,16 @@ def test_unusable_monitor_files_stop_tandemd_with_a_clear_error(tmp_path):
         assert "monitor endpoint: monitor TLS files" in p.a.log.read_text()
     finally:
         p.stop()
+
+
+def test_closed_event_streams_free_their_slots(pair):
+    """Clients that open the events stream and go away while nothing happens do not use up the
+    client cap: more than MAX_CLIENTS of them in turn, then a status still answers."""
+    from tandem.engine.monitor import MAX_CLIENTS
+    ctx = client_context(pair)
+    for _ in range(MAX_CLIENTS + 8):
+        with connect(pair, pair.a, ctx) as s:
+            s.sendall(b'{"cmd": "events"}\n')
+            assert json.loads(s.makefile("rb").readline())["event"] == "exists"
+    time.sleep(0.5)
+    assert request(pair, pair.a, {"cmd": "status"})["ok"]

@@ -12,8 +12,9 @@ socket, but only two requests are served:
 Anything else gets {"ok": false, "error": ...} and the connection is closed: nothing here
 changes the engine. The client must present a certificate that chains to --monitor-ca (TLS
 1.3 only). Hostile clients are bounded: a TLS handshake and the request line each have a
-timeout, the request line a size limit, the number of connections a cap, and an events
-reader that stops reading is dropped once the engine's queue or the write timeout says so.
+timeout, the request line a size limit, the number of connections a cap, an events reader that
+stops reading is dropped once the engine's queue or the write timeout says so, and one
+that closes its side (or sends anything more) ends its stream at once.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
 
 log = logging.getLogger("tandem.engine.monitor")
@@ -90,6 +92,9 @@ class MonitorServer:
         peer = writer.get_extra_info("peername")
         try:
             writer.transport.set_write_buffer_limits(high=1 << 20)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:          # a peer that vanished without a FIN is noticed eventually
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             try:
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     line = await reader.readline()
@@ -119,7 +124,7 @@ class MonitorServer:
                         reply = {"ok": False, "error": e.args[0]}
                 await self._send(writer, reply)
             elif cmd == "events":
-                await self._stream(writer)
+                await self._stream(reader, writer)
             else:
                 log.warning("monitor client %s: refused request %r (read-only endpoint)", peer,
                             str(cmd)[:40])
@@ -136,22 +141,25 @@ class MonitorServer:
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
 
-    async def _stream(self, writer: asyncio.StreamWriter) -> None:
+    async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         q: asyncio.Queue = asyncio.Queue(maxsize=EVENT_QUEUE)
         self.daemon.subscribers.add(q)
+        # The client says nothing more: EOF (or anything it sends) ends the stream, so a client
+        # that went away while no event came does not keep its slot until the next event.
+        gone = asyncio.ensure_future(reader.read(MAX_LINE))
         try:
             for res in list(self.daemon.resources.values()):
                 await self._send(writer, {"ts": None, "resource": res.name, "event": "exists",
                                           **{k: v for k, v in res.status().items() if k != "stats"}})
             while q in self.daemon.subscribers or not q.empty():   # the daemon drops a full queue
-                try:
-                    event = await asyncio.wait_for(q.get(), timeout=WRITE_TIMEOUT)
-                except TimeoutError:
-                    if writer.is_closing():
-                        return
-                    continue
-                await self._send(writer, event)
+                get = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    return
+                await self._send(writer, get.result())
         finally:
+            gone.cancel()
             self.daemon.subscribers.discard(q)
 
     @staticmethod
