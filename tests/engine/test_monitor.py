@@ -14,6 +14,8 @@ import pytest
 
 from .harness import Pair
 
+MAX_CLIENTS = 64      # tandem.engine.monitor.MAX_CLIENTS (the daemon runs this checkout's src)
+
 
 def client_context(pair: Pair, cert=None) -> ssl.SSLContext:
     pem, server_ca = pair.monitor_client()
@@ -155,7 +157,6 @@ def test_unusable_monitor_files_stop_tandemd_with_a_clear_error(tmp_path):
 def test_closed_event_streams_free_their_slots(pair):
     """Clients that open the events stream and go away while nothing happens do not use up the
     client cap: more than MAX_CLIENTS of them in turn, then a status still answers."""
-    from tandem.engine.monitor import MAX_CLIENTS
     ctx = client_context(pair)
     for _ in range(MAX_CLIENTS + 8):
         with connect(pair, pair.a, ctx) as s:
