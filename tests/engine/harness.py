@@ -50,6 +50,8 @@ class Node:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.log = self.root / "tandemd.log"
+        self.extra_args: list[str] = []              # more tandemd options (the monitor endpoint)
+        self.monitor: tuple[str, int] | None = None  # its address when enabled
 
     @property
     def config_dir(self) -> Path:
@@ -68,7 +70,7 @@ class Node:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tandem.engine.daemon", "--config-dir", str(self.config_dir),
                  "--state-dir", str(self.root / "state"), "--run-dir", str(self.root / "run"),
-                 "--log-level", "INFO"],
+                 "--log-level", "INFO", *self.extra_args],
                 stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.control):
@@ -117,11 +119,15 @@ class Pair:
 
     `security[node.name]` is that node's [security] table; change it with
     `set_security` (then restart the node or run adjust on it).
+
+    With monitor=True both nodes serve the read-only monitor endpoint (node.monitor is its
+    address) with their node certificate, to clients whose certificate chains to the
+    "monitor" CA: `pair.monitor_client()` is such a client's certificate and key.
     """
 
     def __init__(self, root: Path, resource: str = "vm1", size: int = 16 * MiB, volumes: int = 1,
                  protocol: str = "C", tunables: dict | None = None, proxy: bool = False,
-                 rp_storage: str | None = None):
+                 rp_storage: str | None = None, monitor: bool = False):
         self.resource, self.size, self.volumes, self.protocol = resource, size, volumes, protocol
         self.rp_storage = rp_storage
         self.root = root
@@ -145,6 +151,21 @@ class Pair:
                                         "tls_ca": str(self.pki.ca(peer_site).cert),
                                         "secret_file": str(secret_file), "plaintext": False}
             self.write_config(node)
+        if monitor:
+            self.enable_monitor()
+
+    def enable_monitor(self, client_ca: Path | None = None) -> None:
+        """Start the nodes with the monitor endpoint on a free port each (before `start`)."""
+        client_ca = client_ca or self.pki.ca("monitor").cert
+        for node, site, port in zip((self.a, self.b), ("site-a", "site-b"), free_ports(2), strict=True):
+            pem = self.pki.issue(site, node.name)
+            node.monitor = ("127.0.0.1", port)
+            node.extra_args = ["--monitor-listen", f"127.0.0.1:{port}", "--monitor-cert", str(pem.cert),
+                               "--monitor-key", str(pem.key), "--monitor-ca", str(client_ca)]
+
+    def monitor_client(self, name: str = "center1"):
+        """A client certificate (Pem) from the monitor CA, and the CA bundle that verifies the nodes."""
+        return self.pki.issue("monitor", name), self.pki.bundle("site-a", "site-b")
 
     def write_config(self, node: Node) -> None:
         lines = [f'resource = "{self.resource}"', f'protocol = "{self.protocol}"',

@@ -3,10 +3,12 @@ around everything. Stateless: all state is in PostgreSQL, so any number of insta
 active and the passive control node) can serve behind the VIP."""
 
 import asyncio
+import contextlib
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import tandem
 
@@ -14,7 +16,10 @@ from . import api_admin, api_catalogue, api_ops, errors
 from .config import Config
 from .db import make_pool
 from .limits import BodyLimit
+from .metrics import Metrics
 from .models import Health
+from .monitor import Monitor
+from .sinks import Notifier
 
 API_PREFIX = "/api/v1"
 
@@ -25,9 +30,18 @@ def create_app(config: Config) -> FastAPI:
         pool = make_pool(config.database.conninfo(), config.database.pool_min, config.database.pool_max)
         await pool.open(wait=False)        # serve /health (503) even while the database is away
         app.state.pool = pool
+        app.state.metrics = Metrics()
+        task = None
+        if config.monitor.enabled:        # every instance follows the engines; the primary's writes
+            mon = Monitor(pool, config.monitor, Notifier(config.alerts), app.state.metrics)
+            task = asyncio.create_task(mon.run(), name="monitor")
         try:
             yield
         finally:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await pool.close()
 
     # No /docs or /redoc: they load Swagger UI from a CDN the control nodes may not reach.
@@ -48,6 +62,11 @@ def create_app(config: Config) -> FastAPI:
         except Exception:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok"}
+
+    @app.get("/metrics", tags=["health"], operation_id="metrics", include_in_schema=False)
+    async def metrics(request: Request):
+        """Unauthenticated, like /health: Prometheus text format (tandem.center.metrics)."""
+        return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     for router in (*api_catalogue.ROUTERS, api_ops.router, api_admin.router):
         app.include_router(router, prefix=API_PREFIX)

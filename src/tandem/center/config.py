@@ -16,6 +16,28 @@
     [api]
     max_body_bytes = 1048576
 
+    [monitor]                             # follow the engines (tandem.center.monitor)
+    enabled = true
+    client_cert = "/etc/tandem/pki/center.crt"  # from the CA the engines' --monitor-ca names
+    client_key = "/etc/tandem/pki/center.key"
+    engine_ca = "/etc/tandem/pki/sites-ca.crt"  # verifies the engines' certificates
+    interval = 5.0                        # seconds between status polls
+    unreachable_after = 30.0              # engine-unreachable alert after this long
+    backoff_max = 30.0                    # reconnect backoff cap
+    rpo_max_bytes = 0                     # RPO exposure alert above this many bytes (0: off)
+    control_plane = false                 # db-sync-lost from pg_stat_replication (needs pg_monitor)
+
+    [alerts]                              # sinks (tandem.center.sinks); each optional
+    webhook_url = "https://hooks.example/tandem"
+    webhook_timeout = 5.0
+    webhook_retries = 3
+    syslog_address = "/dev/log"           # or "host:514" (UDP)
+    syslog_facility = "daemon"
+    smtp_host = ""                        # e-mail: smtp_host, smtp_port, smtp_from, smtp_to
+    smtp_port = 25
+    smtp_from = ""
+    smtp_to = []
+
 Environment: TANDEM_CENTER_CONFIG (the file), TANDEM_CENTER_DSN_FILE, TANDEM_CENTER_DSN (a DSN
 without a password; libpq also reads PGPASSFILE), TANDEM_CENTER_BIND, TANDEM_CENTER_PORT.
 """
@@ -72,10 +94,39 @@ class ApiConfig:
 
 
 @dataclass
+class MonitorConfig:
+    enabled: bool = False
+    client_cert: str = ""
+    client_key: str = ""
+    engine_ca: str = ""
+    interval: float = 5.0
+    unreachable_after: float = 30.0
+    backoff_max: float = 30.0
+    connect_timeout: float = 5.0
+    rpo_max_bytes: int = 0
+    control_plane: bool = False
+
+
+@dataclass
+class AlertsConfig:
+    webhook_url: str = ""
+    webhook_timeout: float = 5.0
+    webhook_retries: int = 3
+    syslog_address: str = ""
+    syslog_facility: str = "daemon"
+    smtp_host: str = ""
+    smtp_port: int = 25
+    smtp_from: str = ""
+    smtp_to: list = field(default_factory=list)
+
+
+@dataclass
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
 
     def validate(self) -> Config:
         s = self.server
@@ -89,6 +140,18 @@ class Config:
             raise ConfigError("need 1 <= database.pool_min <= database.pool_max")
         if self.api.max_body_bytes < 1024:
             raise ConfigError("api.max_body_bytes must be at least 1024")
+        m = self.monitor
+        if m.enabled and not (m.client_cert and m.client_key and m.engine_ca):
+            raise ConfigError("monitor.enabled needs monitor.client_cert, client_key and engine_ca")
+        if not (0 < m.interval <= 3600 and m.backoff_max > 0 and m.connect_timeout > 0):
+            raise ConfigError("monitor.interval, backoff_max and connect_timeout must be positive")
+        a = self.alerts
+        if a.webhook_url and not a.webhook_url.startswith(("http://", "https://")):
+            raise ConfigError("alerts.webhook_url must be an http(s) URL")
+        if a.smtp_host and not (a.smtp_from and a.smtp_to):
+            raise ConfigError("alerts.smtp_host needs smtp_from and smtp_to")
+        if not all(isinstance(x, str) for x in a.smtp_to):
+            raise ConfigError("alerts.smtp_to must be a list of addresses")
         return self
 
 
@@ -102,6 +165,8 @@ def _section(cls, raw: dict, name: str):
     obj = cls()
     for key, value in raw.items():
         want = type(getattr(obj, key))
+        if want is float and type(value) is int:      # `interval = 5` means 5.0
+            value = float(value)
         if type(value) is not want:
             raise ConfigError(f"[{name}] {key}: expected {want.__name__}, got {type(value).__name__}")
         setattr(obj, key, value)
@@ -121,12 +186,14 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
-    unknown = sorted(set(raw) - {"database", "server", "api"})
+    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     cfg = Config(database=_section(DatabaseConfig, raw.get("database", {}), "database"),
                  server=_section(ServerConfig, raw.get("server", {}), "server"),
-                 api=_section(ApiConfig, raw.get("api", {}), "api"))
+                 api=_section(ApiConfig, raw.get("api", {}), "api"),
+                 monitor=_section(MonitorConfig, raw.get("monitor", {}), "monitor"),
+                 alerts=_section(AlertsConfig, raw.get("alerts", {}), "alerts"))
     if env.get("TANDEM_CENTER_DSN_FILE"):
         cfg.database.dsn_file = env["TANDEM_CENTER_DSN_FILE"]
     if env.get("TANDEM_CENTER_DSN"):

@@ -28,6 +28,7 @@ import signal
 import sys
 
 from . import config as config_mod
+from . import monitor as monitor_mod
 from . import security
 from .nbd import NBDServer
 from .recovery import RecoveryPointError
@@ -82,8 +83,11 @@ class VolumeExport:
 
 
 class Daemon:
-    def __init__(self, config_dir: str, state_dir: str, run_dir: str):
+    def __init__(self, config_dir: str, state_dir: str, run_dir: str, monitor: dict | None = None):
         self.config_dir, self.state_dir, self.run_dir = config_dir, state_dir, run_dir
+        #: {"listen": "HOST:PORT", "cert", "key", "ca"}: the read-only monitor endpoint, or None.
+        self.monitor_settings = monitor
+        self.monitor: monitor_mod.MonitorServer | None = None
         self.resources: dict[str, Resource] = {}
         self.nbd: dict[str, list] = {}         # resource -> [NBDServer, ...]
         self.subscribers: set[asyncio.Queue] = set()
@@ -115,6 +119,13 @@ class Daemon:
                 # A missing or bad certificate, key, secret or backing file stops this
                 # resource only; once it is fixed, `tandemctl adjust` starts it.
                 log.error("resource %s not started:\n%s", cfg.name, e)
+        # Before the control socket, whose appearance tells that tandemd is ready.
+        if self.monitor_settings:
+            m = self.monitor_settings
+            host, port = monitor_mod.parse_listen(m["listen"])
+            self.monitor = monitor_mod.MonitorServer(
+                self, host, port, monitor_mod.server_context(m["cert"], m["key"], m["ca"]))
+            await self.monitor.start()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
         self._control = await asyncio.start_unix_server(self._on_control, self.control_path)
@@ -125,6 +136,8 @@ class Daemon:
     async def stop(self) -> None:
         if self._control:
             self._control.close()
+        if self.monitor:
+            await self.monitor.close()
         for name in list(self.resources):
             await self._remove(name)
         with contextlib.suppress(FileNotFoundError):
@@ -357,16 +370,32 @@ def main(argv=None) -> int:
     p.add_argument("--state-dir", default=os.environ.get("TANDEM_STATE_DIR", DEFAULT_STATE_DIR))
     p.add_argument("--run-dir", default=os.environ.get("TANDEM_RUN_DIR", DEFAULT_RUN_DIR))
     p.add_argument("--log-level", default="INFO")
+    m = p.add_argument_group("monitor endpoint", "read-only status and events over mutual TLS; "
+                             "off unless --monitor-listen is given (docs/engine.md, Monitoring)")
+    m.add_argument("--monitor-listen", metavar="HOST:PORT")
+    m.add_argument("--monitor-cert", help="this node's certificate (PEM)")
+    m.add_argument("--monitor-key", help="its private key (PEM, unencrypted)")
+    m.add_argument("--monitor-ca", help="CA bundle the clients' certificates must chain to")
     args = p.parse_args(argv)
+    monitor = None
+    if args.monitor_listen:
+        if not (args.monitor_cert and args.monitor_key and args.monitor_ca):
+            p.error("--monitor-listen needs --monitor-cert, --monitor-key and --monitor-ca")
+        monitor = {"listen": args.monitor_listen, "cert": args.monitor_cert, "key": args.monitor_key,
+                   "ca": args.monitor_ca}
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    daemon = Daemon(args.config_dir, args.state_dir, args.run_dir)
+    daemon = Daemon(args.config_dir, args.state_dir, args.run_dir, monitor=monitor)
 
     async def run() -> int:
         try:
             await daemon.start()
         except config_mod.ConfigError as e:
             log.error("configuration error:\n%s", e)
+            return 2
+        except (monitor_mod.MonitorError, OSError) as e:
+            log.error("monitor endpoint: %s", e)
+            await daemon.stop()
             return 2
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
