@@ -35,7 +35,7 @@ help:
 	@echo "make bench-faults link-cut figures: write stall, time back to sync, resync bytes"
 	@echo "make lint        ruff and ansible-lint --offline"
 	@echo "make sanity      ansible-test sanity (offline)"
-	@echo "make demo        bring the lab up and run the demo playbook"
+	@echo "make demo        bring the lab up and run the whole DR story on it (lab/tandem_lab/demo.py)"
 	@echo "make collection  build dist/tandem-dr-VERSION.tar.gz; make ee-context: the AWX EE build context"
 	@echo "make lab-up / lab-down / lab-status / lab-up-xfs / lab-clean-cache"
 	@echo "make lab-guest-image  build the lab guest (Debian kernel + busybox initramfs)"
@@ -63,7 +63,7 @@ test-lab: lab-deps collections
 	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab
 
 demo: lab-up collections
-	PATH='$(abspath $(VENV_BIN))':"$$PATH" ansible-playbook -i inventories/lab/hosts.yml playbooks/demo.yml
+	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" '$(VENV_PYTHON)' lab/tandem_lab/demo.py
 
 demo-down: lab-down
 
