@@ -1,6 +1,6 @@
 # Tandem DR -- the tandem.dr Ansible collection, its services and its lab.
 #
-#   make test    everything CI runs: lint, sanity, unit, lab and molecule tests
+#   make test    everything CI runs: lint, sanity, unit, engine, center and lab tests
 #   make demo    bring the lab up and run the demo
 #
 # Run as root on Debian 12 (the lab uses LXC, bridges and nft). `make help` lists the rest.
@@ -16,7 +16,7 @@ include mk/package.mk
 bench bench-faults: engine-deps $(VENV_STAMP)
 test-unit: engine-deps
 
-.PHONY: help test test-lab test-engine test-center engine-deps soak molecule demo demo-down clean
+.PHONY: help test test-lab test-engine test-center engine-deps soak molecule test-guest demo demo-down clean
 
 # Real NBD clients and servers the engine tests and benchmarks use; mkfs.xfs for the
 # reflink recovery point tests (an XFS with reflink=1 on a loop device); ping for the
@@ -25,7 +25,9 @@ test-unit: engine-deps
 ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping postgresql-15
 
 help:
-	@echo "make test        lint, ansible-test sanity, then unit + lab + molecule tests (pytest)"
+	@echo "make test        lint, ansible-test sanity, then unit + engine + center + lab tests (pytest)"
+	@echo "make molecule    the roles' molecule scenarios on the lab (opt-in, ~12 min)"
+	@echo "make test-guest  the lab guest's boot-time figures (opt-in)"
 	@echo "make test-unit   unit tests only (no root, no lab)"
 	@echo "make test-lab    lab tests only (brings the lab up itself)"
 	@echo "make test-engine engine tests: two real tandemd on loopback, kill -9 test"
@@ -66,5 +68,13 @@ demo: lab-up collections
 	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" '$(VENV_PYTHON)' lab/tandem_lab/demo.py
 
 demo-down: lab-down
+
+# Opt-in lab runs, kept out of `make test` for its time budget.
+molecule: lab-deps collections
+	TANDEM_MOLECULE=1 PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
+	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_molecule.py
+test-guest: lab-deps collections
+	TANDEM_GUEST_FIGURES=1 PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
+	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_guest.py
 
 clean: toolchain-clean

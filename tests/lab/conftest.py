@@ -33,6 +33,14 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "lab_teardown: takes the lab down; runs after the other tests")
+    config.addinivalue_line("markers", "opt_in(VAR): runs only when the environment variable VAR is 1 "
+                            "(long runs kept out of `make test` to hold its time budget)")
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("opt_in")
+    if marker and os.environ.get(marker.args[0]) != "1":
+        pytest.skip(f"opt-in: set {marker.args[0]}=1 (see the Makefile's targets)")
 
 
 class Lab:

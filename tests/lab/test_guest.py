@@ -34,6 +34,10 @@ SOCKET = f"/run/tandem/{VM}.nbd"
 REPLICA = f"/srv/tandem/{VM}/disk0.img"
 HEALTHY_TIMEOUT = 180              # TCG on a shared 2-core machine
 
+# Five boots for the boot-time figures: `make test-guest`. tests/lab/test_vm_dr.py boots the
+# guests on tandemd and checks their records in `make test`.
+pytestmark = pytest.mark.opt_in("TANDEM_GUEST_FIGURES")
+
 
 @pytest.fixture(scope="module")
 def guest(lab, tmp_path_factory):
