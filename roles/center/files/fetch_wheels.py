@@ -35,7 +35,8 @@ def main() -> int:
 
     with open(os.path.join(args.source, "pyproject.toml"), "rb") as f:
         requirements = sorted(tomllib.load(f)["project"]["optional-dependencies"]["center"])
-    key = hashlib.sha256(json.dumps([requirements, args.python_version, args.platform]).encode()).hexdigest()[:16]
+    spec = json.dumps([requirements, args.python_version, args.platform])
+    key = hashlib.sha256(spec.encode()).hexdigest()[:16]
     dest = os.path.abspath(os.path.join(args.cache, key))
     downloaded = False
     if not os.path.exists(os.path.join(dest, ".complete")):
