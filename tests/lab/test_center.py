@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -70,7 +71,7 @@ def _recap(lab, playbook: str, *args: str) -> dict[str, dict[str, int]]:
 
 def _client(base: str = URL, timeout: float = 2.0) -> httpx.Client:
     # No kept-alive connections: every request opens a new one to whoever holds the VIP now.
-    return httpx.Client(base_url=base, verify=str(CA), timeout=timeout,
+    return httpx.Client(base_url=base, verify=ssl.create_default_context(cafile=str(CA)), timeout=timeout,
                         limits=httpx.Limits(max_keepalive_connections=0))
 
 
