@@ -50,7 +50,8 @@ def main() -> int:
         if proc.returncode != 0:
             sys.stderr.write(proc.stdout + f"\n{' '.join(cmd)} failed with rc {proc.returncode}\n")
             return 1
-        open(os.path.join(dest, ".complete"), "w").close()
+        with open(os.path.join(dest, ".complete"), "w"):
+            pass
         downloaded = True
     wheels = sorted(n for n in os.listdir(dest) if n.endswith(".whl"))
     print(json.dumps({"dir": dest, "wheels": wheels, "downloaded": downloaded}))
