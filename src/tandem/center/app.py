@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import tandem
 
-from . import api_admin, api_catalogue, api_ops, errors
+from . import api_admin, api_catalogue, api_ops, dashboard, errors
 from .config import Config
 from .db import make_pool
 from .limits import BodyLimit
@@ -70,5 +70,6 @@ def create_app(config: Config) -> FastAPI:
 
     for router in (*api_catalogue.ROUTERS, api_ops.router, api_admin.router):
         app.include_router(router, prefix=API_PREFIX)
+    app.include_router(dashboard.router)
     app.add_middleware(BodyLimit, max_bytes=config.api.max_body_bytes)
     return app
