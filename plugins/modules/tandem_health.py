@@ -88,7 +88,6 @@ target:
 """
 
 import socket
-import subprocess
 import time
 from urllib.error import HTTPError
 
@@ -100,8 +99,8 @@ def _fill(text, address):
     return str(text).replace("{ip}", address)
 
 
-def probe(check, address, attempt_timeout):
-    """(ok, target, error) for one attempt."""
+def probe(check, address, attempt_timeout, run_command):
+    """(ok, target, error) for one attempt. run_command: AnsibleModule.run_command (ping)."""
     kind = check.get("type", "none")
     if kind == "none":
         return True, "none (running counts as healthy)", None
@@ -130,14 +129,11 @@ def probe(check, address, attempt_timeout):
         return False, target, f"{url}: HTTP {status}, expected {expect}"
     if kind == "ping":
         target = f"ping {address}"
-        try:
-            proc = subprocess.run(["ping", "-n", "-c", "1", "-W", str(max(1, int(attempt_timeout))), address],
-                                  capture_output=True, text=True, check=False)
-        except FileNotFoundError:
-            raise ValueError("ping is not installed on this host (Debian: iputils-ping)") from None
-        if proc.returncode == 0:
+        ping = ["ping", "-n", "-c", "1", "-W", str(max(1, int(attempt_timeout))), address]
+        rc, out, err = run_command(ping)
+        if rc == 0:
             return True, target, None
-        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        lines = (out + err).strip().splitlines()
         return False, target, f"{target}: {lines[-1] if lines else 'no reply'}"
     raise ValueError(f"unknown health check type {kind!r} (tcp, http, ping or none)")
 
@@ -177,6 +173,8 @@ def main():
             enter_netns(p["netns"])
         except OSError as e:
             module.fail_json(msg=f"cannot enter network namespace {p['netns']}: {e.strerror or e}")
+    if p["health_check"].get("type") == "ping" and not module.get_bin_path("ping"):
+        module.fail_json(msg="ping is not installed on this host (Debian: iputils-ping)")
     interval = p["interval"] or float(p["health_check"].get("interval") or 5)
     first = time.time()
     started_at = p["started_at"] or first
@@ -186,7 +184,8 @@ def main():
     try:
         while True:
             attempt_timeout = max(1.0, min(interval, deadline - time.monotonic()))
-            ok, result["target"], error = probe(p["health_check"], p["address"], attempt_timeout)
+            ok, result["target"], error = probe(p["health_check"], p["address"], attempt_timeout,
+                                              module.run_command)
             result["attempts"] += 1
             if ok:
                 now = time.time()

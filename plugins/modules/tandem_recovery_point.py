@@ -248,8 +248,8 @@ def main():
                     result["restored_bytes"] = reply.get("restored_bytes")
                     result["resource_status"] = normalize_status(reply.get("resource"))
         result["changed"] = bool(ctl.commands)
-        if ctl.commands and not module.check_mode and state not in ("present", "restored", "uncloned",
-                                                                   "labelled"):
+        no_reread = ("present", "restored", "uncloned", "labelled")
+        if ctl.commands and not module.check_mode and state not in no_reread:
             step = "rp list"
             after = ctl.read("rp_list", res)["recovery_points"]
             result["recovery_point"] = find(after, rp["id"]) if rp is not None else None

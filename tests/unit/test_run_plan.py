@@ -146,7 +146,7 @@ def test_batches_stages_and_delays_run_in_order_and_report(runner):
     again = runner.run(plan)
     assert again.returncode == 0, again.stdout[-3000:]
     assert "Run test-run starts" in again.stdout and runner.state()["started_at"] > first_started
-    assert [n for n, _ in runner.starts()] == ["db", "app", "web"] * 2
+    assert [start[0] for start in runner.starts()] == ["db", "app", "web"] * 2
 
 
 def test_on_failure_stop_ends_the_run_and_continue_goes_on(runner):
@@ -161,7 +161,7 @@ def test_on_failure_stop_ends_the_run_and_continue_goes_on(runner):
     ]}
     proc = runner.run(plan)
     assert proc.returncode != 0                          # the run failed (one VM failed) ...
-    assert [n for n, _ in runner.starts()] == ["bad", "good", "later"]   # ... but went on
+    assert [start[0] for start in runner.starts()] == ["bad", "good", "later"]   # ... but went on
     state = runner.state()
     bad = state["vms"]["bad"]
     assert bad["result"] == "failed" and "Connection refused" in bad["health_error"]
@@ -172,7 +172,7 @@ def test_on_failure_stop_ends_the_run_and_continue_goes_on(runner):
     plan["batches"][0]["vms"][0]["on_failure"] = "stop"
     proc = runner.run(plan, "-e", "tandem_run_restart=true")
     assert proc.returncode != 0
-    assert [n for n, _ in runner.starts()] == ["bad", "good"]
+    assert [start[0] for start in runner.starts()] == ["bad", "good"]
     assert runner.report()["result"] == "failed" and runner.report()["rto_seconds"] is None
 
 
@@ -192,12 +192,12 @@ def test_an_interrupted_run_resumes_without_starting_a_vm_twice(runner):
     time.sleep(2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert [n for n, _ in runner.starts()] == ["first"]
+    assert [start[0] for start in runner.starts()] == ["first"]
     plan["batches"][1]["vms"][0]["start_delay"] = 0
     done = runner.run(plan)
     assert done.returncode == 0, done.stdout[-4000:]
     assert "Resuming run test-run: first already started" in done.stdout
-    assert [n for n, _ in runner.starts()] == ["first", "second"]
+    assert [start[0] for start in runner.starts()] == ["first", "second"]
     assert runner.report()["result"] == "succeeded"
 
 
