@@ -185,7 +185,7 @@ def main():
         while True:
             attempt_timeout = max(1.0, min(interval, deadline - time.monotonic()))
             ok, result["target"], error = probe(p["health_check"], p["address"], attempt_timeout,
-                                              module.run_command)
+                                                module.run_command)
             result["attempts"] += 1
             if ok:
                 now = time.time()
