@@ -22,6 +22,7 @@ description:
     shutdown, which the module does only with O(restart=true).
 extends_documentation_fragment:
   - tandem.dr._attributes
+  - tandem.dr._libvirt
 attributes:
   check_mode:
     support: full
@@ -29,8 +30,6 @@ attributes:
     support: full
     details:
       - Before and after are the domain's state, definition fingerprint, disks and interfaces.
-requirements:
-  - libvirt Python bindings (Debian C(python3-libvirt)) on the hypervisor
 options:
   name:
     description: Domain name.
@@ -107,10 +106,6 @@ options:
     description: Power the domain off (virsh destroy) when the ACPI shutdown times out.
     type: bool
     default: false
-  uri:
-    description: libvirt connection URI.
-    type: str
-    default: qemu:///system
 author:
   - Tandem DR maintainers (!UNKNOWN)
 """

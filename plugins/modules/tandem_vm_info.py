@@ -15,8 +15,7 @@ description:
     definition M(tandem.dr.tandem_vm) wrote - plus, on request, the persistent XML.
 extends_documentation_fragment:
   - tandem.dr._attributes.INFO_MODULE
-requirements:
-  - libvirt Python bindings (Debian C(python3-libvirt)) on the hypervisor
+  - tandem.dr._libvirt
 options:
   names:
     description: Domains to read; all when empty. A missing name is returned with state V(absent).
@@ -27,10 +26,6 @@ options:
     description: Also return each domain's persistent definition (C(xml)), e.g. to keep a copy at the DR site.
     type: bool
     default: false
-  uri:
-    description: libvirt connection URI.
-    type: str
-    default: qemu:///system
 author:
   - Tandem DR maintainers (!UNKNOWN)
 """
