@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 FQCN_PREFIX = "tandem.dr."
 GROUPS = ("tandem", "libvirt")
 #: Modules with no connection options to share: in no group.
-UNGROUPED = {"tandem_health"}
+UNGROUPED = {"tandem_health", "tandem_drill_network"}
 
 
 def _runtime():
