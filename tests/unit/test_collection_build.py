@@ -121,7 +121,7 @@ def test_the_execution_environment_definition_builds_a_context(built, tmp_path):
     tarball from the path awx/requirements.yml names; the introspection the image build runs
     reads our meta/execution-environment.yml and finds our Python and system packages."""
     work = tmp_path / "awx"
-    shutil.copytree(ROOT / "awx", work)
+    shutil.copytree(ROOT / "awx", work, ignore=shutil.ignore_patterns("collections", "context"))
     (work / "collections").mkdir()
     shutil.copy(built, work / "collections" / "tandem-dr.tar.gz")
     _run([str(BIN / "ansible-builder"), "create", "-f", "execution-environment.yml", "-c", "context"], work)
