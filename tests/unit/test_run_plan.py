@@ -208,4 +208,4 @@ def test_check_mode_starts_nothing_and_writes_nothing(runner):
     proc = runner.run(plan, "--check")
     assert runner.starts() == [] and not runner.state_file.exists()
     assert not list(runner.report_dir.iterdir())
-    assert "Run | start | only" in proc.stdout
+    assert "Run | start on its host | only" in proc.stdout
