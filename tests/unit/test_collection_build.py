@@ -41,8 +41,11 @@ DECOYS = (
 
 
 def _run(argv, cwd, **env):
+    # Not the checkout's collections: `make test` puts them on PYTHONPATH, where ansible-galaxy
+    # would find tandem.dr "already installed" and install nothing.
+    base = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "ANSIBLE_COLLECTIONS_PATH")}
     proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "ANSIBLE_NOCOLOR": "1", **env})
+                          env={**base, "ANSIBLE_NOCOLOR": "1", **env})
     assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
@@ -71,8 +74,8 @@ def built(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def installed(built, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("collections")
-    _run([str(BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "-p", str(path), str(built)],
-         path)
+    _run([str(BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "--force", "-p", str(path),
+          str(built)], path)
     return path
 
 
@@ -129,8 +132,8 @@ def test_the_execution_environment_definition_builds_a_context(built, tmp_path):
     assert (build / "collections" / "tandem-dr.tar.gz").is_file()
     # What the galaxy stage runs, from /build (here: _build), minus the dependency downloads.
     dest = tmp_path / "image-collections"
-    _run([str(BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "-r", "requirements.yml",
-          "-p", str(dest)], build)
+    _run([str(BIN / "ansible-galaxy"), "collection", "install", "--no-deps", "--force",
+          "-r", "requirements.yml", "-p", str(dest)], build)
     _run([sys.executable, str(build / "scripts" / "introspect.py"), "introspect",
           "--write-pip", str(tmp_path / "pip.txt"), "--write-bindep", str(tmp_path / "bindep.txt"),
           str(dest)], tmp_path)
