@@ -191,7 +191,7 @@ def _view(root, state):
 
 
 def desired_definition(p, current_root):
-    """The XML to define, or None when the current definition already is what is wanted."""
+    """(define, root): the definition wanted, and whether it differs from the current one."""
     if p["definition"] is not None:
         root = dx.parse(p["definition"])
         dx.set_identity(root, name=p["name"])
@@ -205,13 +205,9 @@ def desired_definition(p, current_root):
     dx.set_interfaces(root, p["interfaces"])
     if p["definition"] is not None:
         digest = dx.mark(root)
-        if current_root is not None and dx.definition_marker(current_root) == digest:
-            return None, root
-        return root, root
+        return current_root is None or dx.definition_marker(current_root) != digest, root
     # No definition given: compare what we manage, and keep the existing marker (if any).
-    if dx.summary(root) == dx.summary(current_root):
-        return None, root
-    return root, root
+    return dx.summary(root) != dx.summary(current_root), root
 
 
 def shutdown(module, dom, result):
@@ -253,24 +249,24 @@ def run(module, conn, result):
                                   if p["uri"].startswith("qemu") else 0)
         return before, after
 
-    to_define, desired_root = desired_definition(p, current_root)
+    define, desired_root = desired_definition(p, current_root)
     running = state in ("running", "blocked", "paused", "pmsuspended", "shutdown")
     disks_change = current_root is not None and \
         dx.summary(desired_root)["disks"] != dx.summary(current_root)["disks"]
-    if to_define is not None and running and disks_change and not p["restart"]:
+    if define and running and disks_change and not p["restart"]:
         module.fail_json(msg=f"domain {name} is running and its disks would change: shut it down "
                              "first (state: shutoff) or allow it with restart: true", **result)
-    if to_define is not None and running and disks_change:
+    if define and running and disks_change:
         shutdown(module, dom, result)
         running = False
         if want == "defined":
             want = "running"                # put it back as it was
-    if to_define is not None:
+    if define:
         result["actions"].append("define")
         # A running domain's new definition applies at its next boot.
         result["restart_required"] = running and want != "shutoff"
         if not module.check_mode:
-            dom = conn.defineXML(dx.render(to_define))
+            dom = conn.defineXML(dx.render(desired_root))
             desired_root = dx.parse(_persistent(dom))
     after_state = "running" if running else "shutoff"
     if want == "running" and not running:
