@@ -16,15 +16,11 @@ from pathlib import Path
 import pytest
 from test_module_tandem_vm import run  # pytest puts tests/unit on sys.path
 
+from tests.engine.harness import free_port
+
 
 def health(expect_fail=False, **params):
     return run("tandem_health", expect_fail=expect_fail, diff=False, **params)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tcp_waits_for_a_port_that_opens_late():
