@@ -6,7 +6,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 
-from tandem.center import dashboard
+from tandem.center import dashboard, status
 from tandem.center.app import API_PREFIX, create_app
 from tandem.center.config import Config, DatabaseConfig
 
@@ -90,10 +90,10 @@ def test_colours_and_reasons(client):
     ids = catalogue(client)
     login(client)
     html = client.get("/dashboard").text
-    # No recovery point and no engine monitoring: amber, with both reasons.
+    # No recovery point and no replicated volume: amber, with both reasons.
     colour, row = vm_row(html, "web01")
     assert colour == "amber"
-    assert "no recovery point yet" in row and "replication state unknown" in row
+    assert "no recovery point yet" in row and "no replicated volume in the catalogue" in row
 
     # A fresh recovery point leaves only the unknown replication state.
     with client.db.connect() as conn:
@@ -122,16 +122,20 @@ def test_colours_and_reasons(client):
 
 def test_vm_status_rules():
     vm = {"rp_interval_s": 300, "last_rp_age_s": 100.0}
-    green = dashboard.ReplicationState("uptodate", "green", "")
-    assert dashboard.vm_status(vm, [], green).colour == "green"
-    assert dashboard.vm_status({**vm, "last_rp_age_s": 400.0}, [], green).colour == "amber"
-    assert dashboard.vm_status({**vm, "last_rp_age_s": 700.0}, [], green).colour == "red"
+    green = status.ReplicationState("in-sync", "green", detail="vm1 in sync")
+    assert status.vm_status(vm, [], green).colour == "green"
+    assert status.vm_status(vm, [], green).reasons == ["vm1 in sync; last recovery point 1 min old"]
+    assert status.vm_status({**vm, "last_rp_age_s": 400.0}, [], green).colour == "amber"
+    assert status.vm_status({**vm, "last_rp_age_s": 700.0}, [], green).colour == "red"
     warn = [{"severity": "warning", "subject": "slow"}]
-    assert dashboard.vm_status(vm, warn, green).colour == "amber"
+    assert status.vm_status(vm, warn, green).colour == "amber"
     info = [{"severity": "info", "subject": "fyi"}]
-    assert dashboard.vm_status(vm, info, green).colour == "green"
-    red = dashboard.ReplicationState("split-brain", "red", "split brain")
-    assert dashboard.vm_status(vm, [], red).reasons == ["split brain"]
+    assert status.vm_status(vm, info, green).colour == "green"
+    # The engine's own alerts are shown live by the replication state, not again.
+    engine = [{"severity": "critical", "subject": "degraded 3s", "dedup_key": "engine:a:vm1:degraded"}]
+    assert status.vm_status(vm, engine, green).colour == "green"
+    red = status.ReplicationState("split-brain", "red", ("split brain",))
+    assert status.vm_status(vm, [], red).reasons == ["split brain"]
 
 
 def test_runs_and_last_drill(client):
