@@ -15,6 +15,7 @@ Then the VM adds its alerts and its last recovery point (see vm_status).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from psycopg import AsyncConnection
@@ -173,7 +174,8 @@ def resource_state(policy: dict, rows: list[dict], stale_s: float, status: Statu
     if mode == "degraded":
         d = st.get("degraded") or {}
         since = float(d.get("since") or p["now"])
-        lasted, allowed = max(0.0, p["now"] - since), policy["sync_timeout_s"]
+        # Rounded up, so that "degraded for 20 s, longer than the policy allows (20 s)" cannot be.
+        lasted, allowed = math.ceil(max(0.0, p["now"] - since)), policy["sync_timeout_s"]
         what = f"{d.get('kind', '?')}: {d.get('reason', '')}".rstrip(": ")
         if lasted > allowed:
             status.add("red", f"{res}: replication degraded for {age(lasted)}, longer than the policy "
