@@ -287,6 +287,10 @@ def test_replication_states_from_the_monitor_records(states_db):
     r = replication(db)["web1"]
     assert r.colour == "amber" and "no Primary" in r.reasons[0]
 
+    # A status of an unexpected shape is said so, without failing.
+    put_state(db, "a", engine_status("Primary", "Connecting", degraded={"since": "yesterday"}), "degraded")
+    assert replication(db)["web1"].reasons == ("vm1: unreadable engine status (ValueError)",)
+
     # Stale status: amber, saying how old; an open engine-unreachable alert: red.
     put_state(db, "a", engine_status("Primary"), "in-sync", seen_ago_s=125)
     r = replication(db)["web1"]

@@ -171,9 +171,13 @@ class Monitor:
             if conn is None:
                 return
             stale_s = status.stale_after(self.cfg.interval, self.cfg.connect_timeout)
-            vms = await status.vm_statuses(conn, await status.open_alerts(conn), stale_s)
-            plans = await status.plan_readiness(conn, vms)
-            drills = await status.last_drills(conn)
+            try:
+                vms = await status.vm_statuses(conn, await status.open_alerts(conn), stale_s)
+                plans = await status.plan_readiness(conn, vms)
+                drills = await status.last_drills(conn)
+            except (AttributeError, KeyError, TypeError, ValueError) as e:     # never stop following
+                log.error("monitor: catalogue metrics: unexpected catalogue content: %r", e)
+                return
         self.metrics.update_catalogue({vm["name"]: vm["status"].colour for vm in vms}, plans, drills)
 
     def _backoff(self, failures: int) -> float:

@@ -117,18 +117,24 @@ def _vm_replication(resources: list[tuple[dict, list[dict]]], stale_s: float) ->
     status, states, details = Status(), [], []
     rpo_s, rpo_b, oos, etas = 0.0, 0, 0, []
     for policy, rows in resources:
-        state, detail = resource_state(policy, rows, stale_s, status)
+        try:
+            state, detail = resource_state(policy, rows, stale_s, status)
+            for row in rows:
+                if row["role"] == "Primary" and not row["unreachable"]:
+                    rpo_s, rpo_b = max(rpo_s, float(row["rpo_seconds"])), rpo_b + int(row["rpo_bytes"])
+                vols = (row["status"].get("volumes") or []) if isinstance(row["status"], dict) else []
+                if row["role"] == "Primary":
+                    oos += sum(int(v.get("out_of_sync_bytes") or 0) for v in vols)
+                etas += [float(v["sync_eta_seconds"]) for v in vols
+                         if isinstance(v.get("sync_eta_seconds"), int | float)]
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            # A recorded status of an unexpected shape (an engine of another version, a broken
+            # one): say so rather than fail the page or the monitor's metrics.
+            status.add("amber", f"{policy['resource']}: unreadable engine status ({type(e).__name__})")
+            state, detail = "unknown", ""
         states.append(state)
         if detail:
             details.append(detail)
-        for row in rows:
-            if row["role"] == "Primary" and not row["unreachable"]:
-                rpo_s, rpo_b = max(rpo_s, float(row["rpo_seconds"])), rpo_b + int(row["rpo_bytes"])
-            vols = (row["status"].get("volumes") or []) if isinstance(row["status"], dict) else []
-            if row["role"] == "Primary":
-                oos += sum(int(v.get("out_of_sync_bytes") or 0) for v in vols)
-            etas += [float(v["sync_eta_seconds"]) for v in vols
-                     if isinstance(v.get("sync_eta_seconds"), int | float)]
     # The VM's state word: the first not-in-sync resource's, else in-sync.
     state = next((s for s in states if s != "in-sync"), "in-sync")
     return ReplicationState(state, status.colour, tuple(status.reasons), "; ".join(details),
