@@ -145,6 +145,8 @@ def test_dashboard_in_chromium_through_a_partition(world):
     assert sample(m, "tandem_vm_status", vm="web1", colour="green") == 1
     assert sample(m, "tandem_plan_ready", plan="plan-web") == 1
     assert sample(m, "tandem_last_drill_result", plan="plan-web", result="succeeded") == 1
+    assert sample(m, "tandem_last_drill_result", plan="plan-web", result="failed") == 0
+    assert abs(sample(m, "tandem_last_drill_timestamp_seconds", plan="plan-web") - time.time()) < 600
 
     # Partition, and writes the DR site does not get.
     pair.link.set(down=True)
