@@ -21,8 +21,9 @@ test-unit: engine-deps
 # Real NBD clients and servers the engine tests and benchmarks use; mkfs.xfs for the
 # reflink recovery point tests (an XFS with reflink=1 on a loop device); ping for the
 # tandem_health unit tests; PostgreSQL 15 for the tandem-center tests (a throwaway cluster
-# per session, tests/center/conftest.py). Unit tests need them too.
-ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping postgresql-15
+# per session, tests/center/conftest.py); headless Chromium for the dashboard's browser test
+# (tests/center/test_dashboard_browser.py). Unit tests need them too.
+ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping postgresql-15 chromium
 
 help:
 	@echo "make test        lint, ansible-test sanity, then unit + engine + center + lab tests (pytest)"

@@ -31,6 +31,7 @@ def create_app(config: Config) -> FastAPI:
         await pool.open(wait=False)        # serve /health (503) even while the database is away
         app.state.pool = pool
         app.state.metrics = Metrics()
+        app.state.monitor_config = config.monitor      # the dashboard's idea of stale status
         task = None
         if config.monitor.enabled:        # every instance follows the engines; the primary's writes
             mon = Monitor(pool, config.monitor, Notifier(config.alerts), app.state.metrics)

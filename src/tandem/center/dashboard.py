@@ -5,22 +5,21 @@ a cookie that scripts cannot read (HttpOnly), sent only to this site (SameSite=S
 over HTTPS, only encrypted (Secure). Every page load checks the token again, so a revoked
 token ends the session at the next refresh. Without a valid cookie, / redirects to /login.
 
-Colours, per VM (worst reason wins; every reason is shown):
-- red: an open critical alert for the VM; a red replication state; the last recovery point
-  older than 2 x the policy's RP interval;
-- amber: an open warning alert; the replication state unknown or degraded; no recovery point
-  yet; the last one older than 1.25 x the interval;
-- green otherwise.
-A site is the worst of its production VMs and of the open alerts naming it; the page header is
-the worst of everything, global alerts included. Alerts name their VM or site in details
-("vm": name, "site": name); alerts naming neither are global.
+Colours (tandem.center.status; worst reason wins, every reason is shown):
+- VM: its replication as the monitor last recorded it (green in sync; amber resyncing,
+  degraded within policy, stale status...; red degraded past policy, split brain, engine
+  unreachable...), its open alerts (warning amber, critical red; the engine's own alerts are
+  shown live through the replication state instead), its last recovery point (none or older
+  than 1.25 x the RP interval: amber; older than 2 x: red);
+- site: the worst of its production VMs, of its engines (unreachable: red; stale: amber) and
+  of the open alerts naming it; the page header is the worst of everything, global alerts
+  included. Alerts name their VM or site in details ("vm": name, "site": name).
 """
 
 from __future__ import annotations
 
 import json
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
@@ -31,12 +30,13 @@ from psycopg import AsyncConnection
 from psycopg_pool import PoolTimeout
 
 from . import tokens
+from .config import MonitorConfig
+from .status import ALERT_COLOUR, Status, age, named, open_alerts, size, stale_after, vm_statuses, worst
 
 COOKIE = "tandem_center_session"
 COOKIE_MAX_AGE_S = 12 * 3600
 REFRESH_S = 15
 MAX_LOGIN_BODY = 4096
-RANK = {"green": 0, "amber": 1, "red": 2}
 # Content only from this page itself: inline CSS, no script at all, forms post back here.
 HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
@@ -52,94 +52,25 @@ _env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent /
 router = APIRouter(include_in_schema=False)
 
 
-@dataclass
-class Status:
-    colour: str = "green"
-    reasons: list[str] = field(default_factory=list)
-
-    def add(self, colour: str, reason: str) -> None:
-        if RANK[colour] > RANK[self.colour]:
-            self.colour = colour
-        self.reasons.append(reason)
-
-
-@dataclass(frozen=True)
-class ReplicationState:
-    state: str      # e.g. "unknown", "uptodate", "degraded", "split-brain"
-    colour: str     # green | amber | red
-    reason: str
-
-
-async def replication_states(conn: AsyncConnection, vm_names: list[str]) -> dict[str, ReplicationState]:
-    """Per-VM replication state, for the dashboard.
-
-    Today nothing follows the engines, so every VM is 'unknown' (amber). The engine monitoring
-    fills this in from what it records (state transitions of each VM's resources)."""
-    del conn
-    return {name: ReplicationState("unknown", "amber",
-                                   "replication state unknown (engine monitoring not available)")
-            for name in vm_names}
-
-
-def _age(seconds: float) -> str:
-    seconds = int(seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= size:
-            return f"{seconds // size} {unit}"
-    return f"{seconds} s"
-
-
-def vm_status(vm: dict, alerts: list[dict], replication: ReplicationState) -> Status:
-    """The colour of a VM and why (see the module docstring)."""
-    status = Status()
-    for alert in alerts:
-        colour = {"critical": "red", "warning": "amber"}.get(alert["severity"])
-        if colour:
-            status.add(colour, f"{alert['severity']} alert: {alert['subject']}")
-    if replication.colour != "green":
-        status.add(replication.colour, replication.reason)
-    interval = vm["rp_interval_s"]
-    if vm["last_rp_age_s"] is None:
-        status.add("amber", "no recovery point yet")
-    else:
-        age = float(vm["last_rp_age_s"])
-        if age > 2 * interval:
-            status.add("red", f"last recovery point {_age(age)} old (policy: every {_age(interval)})")
-        elif age > 1.25 * interval:
-            status.add("amber", f"last recovery point {_age(age)} old (policy: every {_age(interval)})")
-    if not status.reasons:
-        status.reasons.append("replicating; last recovery point "
-                              f"{_age(float(vm['last_rp_age_s']))} old")
-    return status
-
-
-def worst(colours) -> str:
-    return max(colours, key=RANK.__getitem__, default="green")
-
-
-VMS = """
-SELECT v.id, v.name, ps.name AS production_site, ds.name AS dr_site, h.name AS hypervisor,
-       p.name AS policy, p.rp_interval_s, p.rp_retention, p.sync_timeout_s, p.priority,
-       rp.taken_at AS last_rp_at, extract(epoch FROM now() - rp.taken_at)::float8 AS last_rp_age_s,
-       (SELECT count(*) FROM recovery_points r WHERE r.vm_id = v.id) AS rp_count
-  FROM protected_vms v
-  JOIN sites ps ON ps.id = v.production_site_id
-  JOIN sites ds ON ds.id = v.dr_site_id
-  JOIN protection_policies p ON p.id = v.policy_id
-  LEFT JOIN hypervisors h ON h.id = v.hypervisor_id
-  LEFT JOIN LATERAL (SELECT taken_at FROM recovery_points r WHERE r.vm_id = v.id
-                      ORDER BY taken_at DESC LIMIT 1) rp ON true
- ORDER BY ps.name, p.priority, v.name"""
 RUNS = """
 SELECT r.id, r.kind, r.state, r.started_by, r.started_at, r.finished_at, r.result, pl.name AS plan,
        (SELECT count(*) FROM run_steps s WHERE s.run_id = r.id) AS steps,
        (SELECT count(*) FROM run_steps s WHERE s.run_id = r.id AND s.status = 'failed') AS failed_steps
   FROM runs r LEFT JOIN recovery_plans pl ON pl.id = r.plan_id"""
-ALERTS = """
-SELECT id, kind, severity, state, subject, details, raised_at, last_seen_at FROM alerts
- WHERE state <> 'cleared'
- ORDER BY CASE severity WHEN 'critical' THEN 0 WHEN 'warning' THEN 1 ELSE 2 END, raised_at DESC
- LIMIT 200"""
+ENGINES = """
+SELECT h.name, s.name AS site, max(st.seen_at) AS seen_at,
+       extract(epoch FROM now() - max(st.seen_at))::float8 AS seen_age_s, count(st.resource) AS resources,
+       EXISTS (SELECT 1 FROM alerts a WHERE a.state <> 'cleared'
+                  AND a.dedup_key = 'engine-unreachable:' || h.name) AS unreachable
+  FROM hypervisors h JOIN sites s ON s.id = h.site_id
+  LEFT JOIN engine_resource_state st ON st.hypervisor_id = h.id
+ WHERE h.engine_url IS NOT NULL
+ GROUP BY h.id, h.name, s.name ORDER BY h.name"""
+EVENTS = """
+SELECT e.recorded_at, h.name AS hypervisor, e.resource, e.event, e.source, e.detail
+  FROM engine_events e JOIN hypervisors h ON h.id = e.hypervisor_id
+ ORDER BY e.id DESC LIMIT %s"""
+EVENT_ROWS = 25
 RUN_COLOUR = {"succeeded": "green", "failed": "red", "aborted": "amber", "running": "amber"}
 
 
@@ -147,53 +78,67 @@ async def _rows(conn: AsyncConnection, query: str, params=()) -> list[dict]:
     return await (await conn.execute(query, params)).fetchall()
 
 
-async def snapshot(conn: AsyncConnection) -> dict:
-    """Everything the page shows, with the colours worked out."""
+async def snapshot(conn: AsyncConnection, stale_s: float = 30.0) -> dict:
+    """Everything the page shows, with the colours worked out (status older than stale_s
+    seconds is stale)."""
     sites = await _rows(conn, "SELECT id, name, description FROM sites ORDER BY name")
     hypervisors = await _rows(conn, "SELECT h.name, h.address, s.name AS site FROM hypervisors h "
                                     "JOIN sites s ON s.id = h.site_id ORDER BY h.name")
-    vms = await _rows(conn, VMS)
-    alerts = await _rows(conn, ALERTS)
+    engines = await _rows(conn, ENGINES)
+    alerts = await open_alerts(conn)
+    vms = await vm_statuses(conn, alerts, stale_s)
     runs = await _rows(conn, RUNS + " ORDER BY r.started_at DESC, r.id DESC LIMIT 20")
     drill = await _rows(conn, RUNS + " WHERE r.kind = 'drill' AND r.state <> 'running' "
                                      "ORDER BY r.started_at DESC, r.id DESC LIMIT 1")
     drill_steps = await _rows(conn, "SELECT seq, name, status, started_at, finished_at, detail "
                                     "FROM run_steps WHERE run_id = %s ORDER BY seq",
                               (drill[0]["id"],)) if drill else []
-    replication = await replication_states(conn, [vm["name"] for vm in vms])
+    events = await _rows(conn, EVENTS, (EVENT_ROWS,))
 
-    def named(alert: dict, key: str) -> str | None:
-        value = alert["details"].get(key) if isinstance(alert["details"], dict) else None
-        return value if isinstance(value, str) else None
-
-    for vm in vms:
-        vm["replication"] = replication[vm["name"]]
-        vm["status"] = vm_status(vm, [a for a in alerts if named(a, "vm") == vm["name"]], vm["replication"])
+    for engine in engines:
+        if engine["unreachable"]:
+            engine["colour"], engine["text"] = "red", "unreachable"
+        elif engine["seen_at"] is None:
+            engine["colour"], engine["text"] = "amber", "no status recorded yet"
+        elif engine["seen_age_s"] > stale_s:
+            engine["colour"], engine["text"] = "amber", f"stale: last status {age(engine['seen_age_s'])} ago"
+        else:
+            engine["colour"], engine["text"] = "green", f"last status {age(engine['seen_age_s'])} ago"
     by_site = []
     for site in sites:
         status = Status()
         site_vms = [vm for vm in vms if vm["production_site"] == site["name"]]
         for alert in alerts:
-            if named(alert, "site") == site["name"] and alert["severity"] in ("critical", "warning"):
-                status.add("red" if alert["severity"] == "critical" else "amber",
-                           f"{alert['severity']} alert: {alert['subject']}")
-        bad = [vm for vm in site_vms if vm["status"].colour != "green"]
-        for vm in bad:
-            status.add(vm["status"].colour, f"VM {vm['name']}: {vm['status'].colour}")
+            if named(alert, "site") == site["name"] and alert["severity"] in ALERT_COLOUR:
+                status.add(ALERT_COLOUR[alert["severity"]], f"{alert['severity']} alert: {alert['subject']}")
+        site_engines = [e for e in engines if e["site"] == site["name"]]
+        for engine in site_engines:
+            if engine["colour"] != "green":
+                status.add(engine["colour"], f"engine on {engine['name']}: {engine['text']}")
+        for vm in site_vms:
+            if vm["status"].colour != "green":
+                status.add(vm["status"].colour, f"VM {vm['name']}: {vm['status'].colour}")
         if not status.reasons:
             status.reasons.append(f"{len(site_vms)} protected VM(s), all green" if site_vms
                                   else "no protected VM")
-        by_site.append({**site, "status": status, "vms": site_vms,
+        by_site.append({**site, "status": status, "vms": site_vms, "engines": site_engines,
                         "hypervisors": [h for h in hypervisors if h["site"] == site["name"]]})
+    for vm in vms:
+        r = vm["replication"]
+        vm["rpo_text"] = f"{age(r.rpo_seconds)} / {size(r.rpo_bytes)}"
+        vm["oos_text"] = size(r.out_of_sync_bytes) + (f", ETA {age(r.resync_eta_s)}"
+                                                       if r.resync_eta_s is not None else "")
     for run in runs + drill:
         run["colour"] = RUN_COLOUR[run["state"]]
         run["result_json"] = json.dumps(run["result"], indent=2, sort_keys=True) if run["result"] else ""
     for step in drill_steps:
         step["detail_json"] = json.dumps(step["detail"], sort_keys=True) if step["detail"] else ""
+    for event in events:
+        event["detail_json"] = json.dumps(event["detail"], sort_keys=True) if event["detail"] else ""
     overall = worst([s["status"].colour for s in by_site]
-                    + [{"critical": "red", "warning": "amber"}.get(a["severity"], "green") for a in alerts])
+                    + [ALERT_COLOUR.get(a["severity"], "green") for a in alerts])
     return {"sites": by_site, "alerts": alerts, "runs": runs, "drill": drill[0] if drill else None,
-            "drill_steps": drill_steps, "overall": overall, "vm_count": len(vms)}
+            "drill_steps": drill_steps, "overall": overall, "vm_count": len(vms), "events": events}
 
 
 async def _token_name(conn: AsyncConnection, token: str | None) -> str | None:
@@ -210,6 +155,12 @@ def _html(name: str, status: int = 200, **context) -> HTMLResponse:
     return HTMLResponse(_env.get_template(name).render(**context), status_code=status, headers=HEADERS)
 
 
+def _stale_s(request: Request) -> float:
+    """When the monitor's records count as stale: from this instance's [monitor] settings."""
+    cfg = getattr(request.app.state, "monitor_config", None) or MonitorConfig()
+    return stale_after(cfg.interval, cfg.connect_timeout)
+
+
 def _unavailable() -> HTMLResponse:
     return _html("unavailable.html", 503, refresh=REFRESH_S)
 
@@ -222,7 +173,7 @@ async def dashboard(request: Request) -> Response:
             who = await _token_name(conn, request.cookies.get(COOKIE))
             if who is None:
                 return RedirectResponse("/login", status_code=303, headers=HEADERS)
-            data = await snapshot(conn)
+            data = await snapshot(conn, _stale_s(request))
     except (psycopg.OperationalError, PoolTimeout):
         return _unavailable()
     return _html("dashboard.html", refresh=REFRESH_S, who=who, **data)

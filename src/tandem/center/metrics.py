@@ -15,6 +15,8 @@ from .evaluate import MODES, figures, mode
 
 LABELS = ("hypervisor", "resource", "vm")
 ROLES = ("primary", "standby", "unknown")
+COLOURS = ("green", "amber", "red")
+DRILL_RESULTS = ("succeeded", "failed", "aborted")
 
 
 class Metrics:
@@ -42,6 +44,18 @@ class Metrics:
         self.role = Gauge("tandem_control_plane_role", "1 for this instance's control-plane role: primary "
                           "(its database is the writable primary), standby, or unknown", ("role",),
                           registry=r)
+        # From the catalogue (tandem.center.status), refreshed each monitor interval:
+        self.vm_status = Gauge("tandem_vm_status", "1 for the protected VM's dashboard colour "
+                               "(green, amber, red)", ("vm", "colour"), registry=r)
+        self.plan_ready = Gauge("tandem_plan_ready", "1 if every VM of the recovery plan is a protected "
+                                "VM whose status is not red", ("plan",), registry=r)
+        self.plan_not_ready = Gauge("tandem_plan_vms_not_ready", "VMs of the plan that are red or not "
+                                    "protected", ("plan",), registry=r)
+        self.drill_result = Gauge("tandem_last_drill_result", "1 for the result of the plan's last "
+                                  "finished drill (plan \"\": drills without a plan)", ("plan", "result"),
+                                  registry=r)
+        self.drill_time = Gauge("tandem_last_drill_timestamp_seconds", "when the plan's last finished "
+                                "drill ended (Unix time)", ("plan",), registry=r)
         self._seen: dict[str, set[tuple[str, str]]] = {}     # hypervisor -> {(resource, vm)}
         self._reachable: dict[str, bool] = {}
         self.set_role("unknown")
@@ -79,6 +93,24 @@ class Metrics:
             self.eta.labels(**labels).set(_or_nan(f["sync_eta_seconds"]))
             self.rp_age.labels(**labels).set(_or_nan(f["last_rp_age_s"]))
         self._forget(hv, now)
+
+    def update_catalogue(self, vms: dict[str, str], plans: list[dict], drills: list[dict]) -> None:
+        """vms: name -> colour; plans: status.plan_readiness(); drills: status.last_drills()."""
+        self.vm_status.clear()
+        for vm, colour in vms.items():
+            for c in COLOURS:
+                self.vm_status.labels(vm=vm, colour=c).set(1 if c == colour else 0)
+        self.plan_ready.clear()
+        self.plan_not_ready.clear()
+        for p in plans:
+            self.plan_ready.labels(plan=p["plan"]).set(1 if p["ready"] else 0)
+            self.plan_not_ready.labels(plan=p["plan"]).set(len(p["not_ready"]))
+        self.drill_result.clear()
+        self.drill_time.clear()
+        for d in drills:
+            for result in DRILL_RESULTS:
+                self.drill_result.labels(plan=d["plan"], result=result).set(1 if d["state"] == result else 0)
+            self.drill_time.labels(plan=d["plan"]).set(d["finished_at"])
 
     def _forget(self, hv: str, keep: set[tuple[str, str]]) -> None:
         for name, vm in self._seen.get(hv, set()) - keep:

@@ -32,7 +32,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
-from . import alerts, evaluate
+from . import alerts, evaluate, status
 from .config import MonitorConfig
 from .metrics import Metrics
 from .sinks import Notifier
@@ -126,6 +126,7 @@ class Monitor:
             while True:
                 try:
                     await self._refresh()
+                    await self._catalogue_metrics()
                     if self.cfg.control_plane:
                         await self.check_control_plane(await self.control_plane_snapshot())
                 except (psycopg.Error, OSError, PoolTimeout) as e:
@@ -162,6 +163,22 @@ class Monitor:
                 self.followers[hv] = (url, [asyncio.create_task(self._poll(engine), name=f"poll-{hv}"),
                                             asyncio.create_task(self._follow(engine), name=f"events-{hv}")])
         self.metrics.set_engines(set(wanted))
+
+    async def _catalogue_metrics(self) -> None:
+        """VM status, plan readiness and last drills on /metrics, as the dashboard sees them
+        (any instance: only reads)."""
+        async with self._writer(read=True) as (conn, _writable):
+            if conn is None:
+                return
+            stale_s = status.stale_after(self.cfg.interval, self.cfg.connect_timeout)
+            try:
+                vms = await status.vm_statuses(conn, await status.open_alerts(conn), stale_s)
+                plans = await status.plan_readiness(conn, vms)
+                drills = await status.last_drills(conn)
+            except (AttributeError, KeyError, TypeError, ValueError) as e:     # never stop following
+                log.error("monitor: catalogue metrics: unexpected catalogue content: %r", e)
+                return
+        self.metrics.update_catalogue({vm["name"]: vm["status"].colour for vm in vms}, plans, drills)
 
     def _backoff(self, failures: int) -> float:
         return min(self.cfg.interval * (2 ** min(failures, 16)), self.cfg.backoff_max)
