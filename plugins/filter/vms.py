@@ -100,6 +100,19 @@ def vm_drill_nics(vms, network_plan, bridge, drill="drill"):
     return out
 
 
+def vm_drill_probe_addresses(drill_nics, names):
+    """The drill probe's addresses (GATEWAY/PREFIX, unique, in order) on the isolated network of
+    the VMs `names`: each DR subnet's gateway, the address those VMs would route through."""
+    out = []
+    for name in names:
+        for nic in drill_nics.get(name) or []:
+            if nic.get("gateway"):
+                address = f"{nic['gateway']}/{nic['prefix']}"
+                if address not in out:
+                    out.append(address)
+    return out
+
+
 def vm_drill_exports(vms, drill="drill"):
     """Per VM name, the export names of a drill clone of its volumes (tandemd serves a clone
     NAME of export E as E@clone-NAME)."""
@@ -143,4 +156,5 @@ class FilterModule:
     def filters(self):
         return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks, "vm_domain": vm_domain,
                 "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs,
-                "vm_drill_nics": vm_drill_nics, "vm_drill_exports": vm_drill_exports}
+                "vm_drill_nics": vm_drill_nics, "vm_drill_exports": vm_drill_exports,
+                "vm_drill_probe_addresses": vm_drill_probe_addresses}

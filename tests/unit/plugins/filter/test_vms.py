@@ -105,3 +105,12 @@ def test_drill_nics_keep_dr_addresses_on_the_isolated_bridge_with_their_own_macs
                              {"app01": nics}, "probe")
     assert specs["app01"]["domain_name"] == "app01-d1" and specs["app01"]["health_netns"] == "probe"
     assert specs["app01"]["ip_before"] == "192.168.10.11" and specs["app01"]["address"] == "192.168.20.11"
+
+
+def test_drill_probe_takes_each_dr_gateway_once_for_the_hosts_vms(vm_and_sides):
+    vm, _production, _dr = vm_and_sides
+    (entry,) = network.network_plan([vm], MAPPING, "failover")
+    nics = vms.vm_drill_nics([vm], {"app01": entry}, "tdr-drill", "d1")
+    twice = {**nics, "app02": nics["app01"] + [{**nics["app01"][0], "gateway": None}]}
+    assert vms.vm_drill_probe_addresses(twice, ["app01", "app02"]) == ["192.168.20.1/24"]
+    assert vms.vm_drill_probe_addresses(twice, []) == []
