@@ -67,7 +67,7 @@ test-lab: lab-deps collections
 	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab
 
 demo: lab-up collections
-	PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" '$(VENV_PYTHON)' lab/tandem_lab/demo.py
+	PATH='$(abspath $(VENV_BIN))':"$$PATH" '$(VENV_PYTHON)' lab/tandem_lab/demo.py
 
 demo-down: lab-down
 

@@ -9,6 +9,11 @@ progress and a final report (docs/demo.md).
 6. site A crashes (hv-a1), and an unplanned failover
 7. the report: achieved RPO (durable records lost), RTO per VM, the drill's result
 
+The playbooks run from the collection as a user installs it: the tarball that
+`ansible-galaxy collection build` makes, installed into .cache/demo-collections and called by
+name (`ansible-playbook tandem.dr.protect`). TANDEM_DEMO_FROM=checkout runs them from
+playbooks/ in the checkout instead.
+
 Secrets for the trio are generated once into inventories/lab/tandem-secrets/ (git-ignored).
 Everything is left running for a look around; `make demo-down` removes the lab.
 """
@@ -32,6 +37,10 @@ FILES = ["-e", f"tandem_protection_group_file={LAB / 'protection_group.yml'}",
          "-e", f"tandem_network_mapping_file={LAB / 'network_mapping.yml'}",
          "-e", f"tandem_recovery_plan_file={LAB / 'recovery_plan.yml'}",
          "-e", f"tandem_runs_dir={RUNS}"]
+INSTALLED = REPO / ".cache" / "demo-collections"
+#: The collections tandem.dr needs (ci/collections.sh); the installed tandem.dr comes first.
+DEPENDENCIES = REPO / ".cache" / "collections"
+FROM_CHECKOUT = os.environ.get("TANDEM_DEMO_FROM", "installed") == "checkout"
 T0 = time.monotonic()
 
 
@@ -39,10 +48,18 @@ def say(text: str) -> None:
     print(f"[demo {time.monotonic() - T0:6.0f}s] {text}", flush=True)
 
 
+def ansible_env() -> dict[str, str]:
+    # Without the checkout on PYTHONPATH, so nothing of tandem.dr is found but the installed copy.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    paths = [DEPENDENCIES] if FROM_CHECKOUT else [INSTALLED, DEPENDENCIES]
+    return {**env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0",
+            "ANSIBLE_COLLECTIONS_PATH": os.pathsep.join(map(str, paths))}
+
+
 def run(argv: list[str], what: str, check: bool = True, timeout: float = 1800) -> subprocess.CompletedProcess:
     t = time.monotonic()
     say(f"{what} ...")
-    env = {**os.environ, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_FORCE_COLOR": "0"}
+    env = ansible_env()
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
     log = RUNS / "demo.log"
     with log.open("a") as f:
@@ -55,9 +72,24 @@ def run(argv: list[str], what: str, check: bool = True, timeout: float = 1800) -
     return proc
 
 
+def ansible(tool: str) -> str:
+    return str(Path(sys.executable).parent / tool)
+
+
+def install_collection() -> None:
+    """Build the collection's tarball and install it as a user would (its dependencies are
+    already in .cache/collections: Galaxy is not reachable from the lab machine)."""
+    dist = REPO / "dist"
+    run([ansible("ansible-galaxy"), "collection", "build", "--force", "--output-path", str(dist), "."],
+        "build the collection tarball")
+    tarball = max(dist.glob("tandem-dr-*.tar.gz"), key=lambda p: p.stat().st_mtime)
+    run([ansible("ansible-galaxy"), "collection", "install", "--no-deps", "--force", "-p", str(INSTALLED),
+         str(tarball)], f"install {tarball.name} into {INSTALLED.relative_to(REPO)}")
+
+
 def playbook(name: str, *extra: str, what: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(LAB / "hosts.yml"),
-                f"playbooks/{name}.yml", *extra], what, check=check)
+    where = f"playbooks/{name}.yml" if FROM_CHECKOUT else f"tandem.dr.{name}"
+    return run([ansible("ansible-playbook"), "-i", str(LAB / "hosts.yml"), where, *extra], what, check=check)
 
 
 def control_plane_secrets() -> Path:
@@ -111,10 +143,15 @@ def main() -> int:
     run([str(LABCTL), "start", "hv-a1"], "lab: site A's hypervisor is up", check=False)
     run([str(LABCTL), "guest-image", "hv-a1", "hv-b1"],
         "lab guest image (Debian kernel + busybox), pushed to hv-a1 and hv-b1")
+    if not FROM_CHECKOUT:
+        install_collection()
     cp = control_plane_secrets()
     playbook("control_plane", "-e", f"@{cp}", what="control-plane trio: PostgreSQL RPO=0, witness, VIP")
     if (REPO / "playbooks" / "center.yml").exists():
-        playbook("center", "-e", f"@{cp}", what="tandem-center on cp-a and cp-b, behind the VIP")
+        # The wheels are fetched once for the checkout, not again for each installed copy.
+        wheels = REPO / ".cache" / "center-wheels"
+        playbook("center", "-e", f"@{cp}", "-e", f"tandem_center_wheel_cache={wheels}",
+                 what="tandem-center on cp-a and cp-b, behind the VIP")
     playbook("engine", what="tandemd on the hypervisors (TLS, firewall)")
     playbook("protect", *FILES, what="protect app01 and app02 (initial copy, VMs on tandemd at site A)")
     wait_durable("hv-a1", 0)
