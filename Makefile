@@ -41,6 +41,7 @@ help:
 	@echo "make sanity      ansible-test sanity (offline)"
 	@echo "make demo        bring the lab up and run the whole DR story on it (lab/tandem_lab/demo.py)"
 	@echo "make docs-reference  regenerate docs/reference/ (a page per module, filter and role)"
+	@echo "make changelog   lint the changelog fragments, write CHANGELOG.rst (unreleased changes)"
 	@echo "make collection  build dist/tandem-dr-VERSION.tar.gz; make ee-context: the AWX EE build context"
 	@echo "make lab-up / lab-down / lab-status / lab-up-xfs / lab-clean-cache"
 	@echo "make lab-guest-image  build the lab guest (Debian kernel + busybox initramfs)"
