@@ -34,4 +34,4 @@ SUMMARY
 (cd "$tmp" && PATH="$bin:$PATH" "$bin/antsibull-changelog" release --version "$version" \
     --date "$(date -u +%F)")
 cp "$tmp/CHANGELOG.rst" "$root/CHANGELOG.rst"
-echo "CHANGELOG.rst: the unreleased changes of ${version} ($(ls changelogs/fragments | wc -l) fragments)"
+echo "CHANGELOG.rst: the unreleased changes of ${version} ($(find changelogs/fragments -name "*.yml" | wc -l) fragments)"
