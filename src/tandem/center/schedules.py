@@ -124,12 +124,14 @@ class Scheduler:
         vms = await self._schedules()
         by_vm = {v.vm_id: v for v in vms}
         await self._resolve_claimed(by_vm)
-        now = time.time()
+        now = await self._now()
         for v in vms:
             await self._take(v, slot_start(now, v.interval_s))
         for v in vms:
             await self._retention(v)
-        return min((next_slot(time.time(), v.interval_s) for v in vms), default=time.time() + self.cfg.tick)
+        # The next slot by the database's clock, as a time on this instance's clock.
+        skew = time.time() - await self._now()
+        return min((next_slot(now, v.interval_s) + skew for v in vms), default=time.time() + self.cfg.tick)
 
     # -- catalogue -----------------------------------------------------------------------------
 
@@ -138,6 +140,13 @@ class Scheduler:
         if self.leadership.conn is None:
             raise psycopg.OperationalError("no leader connection")
         return self.leadership.conn
+
+    async def _now(self) -> float:
+        """The database's clock: the one clock all instances share, so that every instance puts
+        an instant in the same slot whatever its own clock's skew."""
+        row = await (await self.conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8 AS t")
+                     ).fetchone()
+        return row["t"]
 
     async def _schedules(self) -> list[VmSchedule]:
         rows = await (await self.conn.execute(
@@ -272,7 +281,7 @@ class Scheduler:
                       if r["hv_id"] is not None and r["engine_url"] else v.target)
             if target is None:
                 continue
-            if in_window(r["slot_at"], r["interval_s"], time.time()):
+            if in_window(r["slot_at"], r["interval_s"], await self._now()):
                 await self._attempt(r["id"], v, target, r["rp_name"])
                 continue
             try:                        # too late to take it: did the engine make it?
