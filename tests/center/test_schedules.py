@@ -22,10 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tandem.center.schedules_slots import rp_name, slot_start  # noqa: E402
 from tests.engine.harness import Pair  # noqa: E402
 from tests.engine.test_monitor_control import ctx_for, request  # noqa: E402
-
-from tandem.center.schedules_slots import rp_name, slot_start  # noqa: E402
 
 INTERVAL_S = 2
 TICK_S = 0.25
