@@ -114,6 +114,12 @@ class Scheduler:
                     except (psycopg.Error, OSError) as e:
                         await self.leadership.drop(f"database error: {e}")
                         self.metrics.leader.set(0)
+                    except Exception:
+                        # A bug must not end the schedules for good: log it, hand the lead
+                        # over (another instance may not have it) and try again next tick.
+                        log.exception("schedules: tick failed")
+                        await self.leadership.drop("tick failed")
+                        self.metrics.leader.set(0)
                 await asyncio.sleep(max(0.05, wake - time.time()))
         finally:
             await self.leadership.drop("stopping")
@@ -229,7 +235,7 @@ class Scheduler:
             reply = await self._engine(target).call({"cmd": "rp-create", "resource": res, "id": name})
             if not reply.get("ok"):
                 raise EngineError(f"rp-create {res} {name}: {reply.get('error')}")
-            taken.append(float(reply["recovery_point"]["created"]))
+            taken.append(_created(reply.get("recovery_point"), name))
         return min(taken)
 
     async def _exists(self, target: Target, resources: tuple[str, ...], name: str) -> float | None:
@@ -239,10 +245,13 @@ class Scheduler:
             reply = await self._engine(target).call({"cmd": "rp-list", "resource": res})
             if not reply.get("ok"):
                 raise EngineError(f"rp-list {res}: {reply.get('error')}")
-            found = [m for m in reply["recovery_points"] if m.get("id") == name]
+            rps = reply.get("recovery_points")
+            if not isinstance(rps, list):
+                raise EngineError(f"rp-list {res}: no list of recovery points in the reply")
+            found = [m for m in rps if isinstance(m, dict) and m.get("id") == name]
             if not found:
                 return None
-            taken.append(float(found[0]["created"]))
+            taken.append(_created(found[0], name))
         return min(taken)
 
     # -- the work ------------------------------------------------------------------------------
@@ -327,3 +336,13 @@ class Scheduler:
             self.metrics.slots.labels(result="kept" if refused else "expired").inc()
             log.info("schedules: %s: RP %s %s", v.vm, r["rp_name"],
                      f"kept: {refused}" if refused else "expired")
+
+
+def _created(manifest, name: str) -> float:
+    """An engine RP's creation time, from a reply that must name that RP."""
+    if not isinstance(manifest, dict) or manifest.get("id") != name:
+        raise EngineError(f"the engine's reply does not describe RP {name}")
+    created = manifest.get("created")
+    if not isinstance(created, int | float) or isinstance(created, bool):
+        raise EngineError(f"the engine's reply has no creation time for RP {name}")
+    return float(created)
