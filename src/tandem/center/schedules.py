@@ -98,6 +98,7 @@ class Scheduler:
         self.ctx = client_context(engines)
         self.metrics = ScheduleMetrics(registry or CollectorRegistry())
         self._retry_at: dict[int, float] = {}       # slot id -> monotonic time of the next try
+        self._no_engine: set[int] = set()           # VMs already logged as having no engine
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -258,7 +259,12 @@ class Scheduler:
 
     async def _take(self, v: VmSchedule, slot_at: float) -> None:
         if v.target is None:
+            if v.vm_id not in self._no_engine:
+                self._no_engine.add(v.vm_id)
+                log.warning("schedules: %s has no engine to ask (no Primary seen by the monitor, no "
+                            "hypervisor with an engine_url): no recovery points", v.vm)
             return
+        self._no_engine.discard(v.vm_id)
         slot_id = await self._claim(v, slot_at)
         if slot_id is None:
             return                      # already claimed: by us before, or by an earlier leader
