@@ -154,14 +154,17 @@ class Pair:
         if monitor:
             self.enable_monitor()
 
-    def enable_monitor(self, client_ca: Path | None = None) -> None:
-        """Start the nodes with the monitor endpoint on a free port each (before `start`)."""
+    def enable_monitor(self, client_ca: Path | None = None, control_clients: tuple[str, ...] = ()) -> None:
+        """Start the nodes with the monitor endpoint on a free port each (before `start`);
+        control_clients: the CNs given --control-clients (rp-create/rp-delete)."""
         client_ca = client_ca or self.pki.ca("monitor").cert
         for node, site, port in zip((self.a, self.b), ("site-a", "site-b"), free_ports(2), strict=True):
             pem = self.pki.issue(site, node.name)
             node.monitor = ("127.0.0.1", port)
             node.extra_args = ["--monitor-listen", f"127.0.0.1:{port}", "--monitor-cert", str(pem.cert),
                                "--monitor-key", str(pem.key), "--monitor-ca", str(client_ca)]
+            if control_clients:
+                node.extra_args += ["--control-clients", ",".join(control_clients)]
 
     def monitor_client(self, name: str = "center1"):
         """A client certificate (Pem) from the monitor CA, and the CA bundle that verifies the nodes."""

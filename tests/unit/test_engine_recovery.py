@@ -130,3 +130,26 @@ def test_drop_all_works_with_exports_and_clones(tmp_path, volumes):
     rps.close()
     assert json.loads(json.dumps(rps.summary())) == {"count": 0, "last": None, "exports": [], "clones": [],
                                                      "storage": ["delta", "delta"]}
+
+
+def test_a_chosen_id_is_kept_in_creation_order_and_never_reused_or_expired_by_the_engine(tmp_path, volumes):
+    """tandem-center's RPs (reason "center", the id it chose): ordered by creation like the others,
+    a second create of the same id refused, a bad id refused without a write, and the engine's own
+    retention leaves them to the center."""
+    rps = rps_open(tmp_path, volumes)
+    first = create(rps, "scheduled")
+    c = rps.create(recovery.CENTER, role="Primary", consistent=True, generations=["0", "0"],
+                   rp_id="center-v1-20261130T041500Z")
+    last = create(rps, "scheduled")
+    with pytest.raises(RecoveryPointError, match="exists"):
+        rps.create(recovery.CENTER, role="Primary", consistent=True, generations=["0", "0"], rp_id=c.id)
+    with pytest.raises(ValueError):
+        rps.create(recovery.CENTER, role="Primary", consistent=True, generations=["0", "0"], rp_id="../x")
+    assert list(rps.manifests) == [first.id, c.id, last.id]
+    rps.close()
+    rps = rps_open(tmp_path, volumes)
+    assert list(rps.manifests) == [first.id, c.id, last.id]           # creation order survives reopen
+    assert rps.manifests[c.id].reason == "center"
+    gone = rps.expire(keep=0, max_age=1e-9, protect=None)
+    assert sorted(gone) == sorted([first.id, last.id]) and list(rps.manifests) == [c.id]
+    rps.close()

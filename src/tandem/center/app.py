@@ -19,6 +19,7 @@ from .limits import BodyLimit
 from .metrics import Metrics
 from .models import Health
 from .monitor import Monitor
+from .schedules import Scheduler
 from .sinks import Notifier
 
 API_PREFIX = "/api/v1"
@@ -32,15 +33,20 @@ def create_app(config: Config) -> FastAPI:
         app.state.pool = pool
         app.state.metrics = Metrics()
         app.state.monitor_config = config.monitor      # the dashboard's idea of stale status
-        task = None
+        tasks = []
         if config.monitor.enabled:        # every instance follows the engines; the primary's writes
             mon = Monitor(pool, config.monitor, Notifier(config.alerts), app.state.metrics)
-            task = asyncio.create_task(mon.run(), name="monitor")
+            tasks.append(asyncio.create_task(mon.run(), name="monitor"))
+        if config.schedules.enabled:      # every instance runs it; only the leader acts
+            sched = Scheduler(config.database.conninfo(), config.schedules, config.monitor,
+                              app.state.metrics.registry)
+            tasks.append(asyncio.create_task(sched.run(), name="schedules"))
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
+            for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await pool.close()

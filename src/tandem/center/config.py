@@ -27,6 +27,15 @@
     rpo_max_bytes = 0                     # RPO exposure alert above this many bytes (0: off)
     control_plane = false                 # db-sync-lost from pg_stat_replication (needs pg_monitor)
 
+    [schedules]                           # periodic RPs (tandem.center.schedules), exactly once
+    enabled = true                        # on every instance: the leader acts, the others wait
+    tick = 1.0                            # seconds between leadership checks (the takeover delay)
+    request_timeout = 30.0                # an engine's rp-create/rp-delete answer
+    connect_timeout = 5.0                 # the scheduler's own database connection
+    retry_s = 5.0                         # a failed RP is retried after this (within its slot)
+    primary_fresh_s = 60.0                # engine state older than this does not pick the engine
+    # the engines are reached with [monitor] client_cert, client_key and engine_ca
+
     [alerts]                              # sinks (tandem.center.sinks); each optional
     webhook_url = "https://hooks.example/tandem"
     webhook_timeout = 5.0
@@ -108,6 +117,16 @@ class MonitorConfig:
 
 
 @dataclass
+class SchedulesConfig:
+    enabled: bool = False
+    tick: float = 1.0
+    request_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    retry_s: float = 5.0
+    primary_fresh_s: float = 60.0
+
+
+@dataclass
 class AlertsConfig:
     webhook_url: str = ""
     webhook_timeout: float = 5.0
@@ -127,6 +146,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
 
     def validate(self) -> Config:
         s = self.server
@@ -145,6 +165,14 @@ class Config:
             raise ConfigError("monitor.enabled needs monitor.client_cert, client_key and engine_ca")
         if not (0 < m.interval <= 3600 and m.backoff_max > 0 and m.connect_timeout > 0):
             raise ConfigError("monitor.interval, backoff_max and connect_timeout must be positive")
+        sc = self.schedules
+        if sc.enabled and not (m.client_cert and m.client_key and m.engine_ca):
+            raise ConfigError("schedules.enabled needs monitor.client_cert, client_key and engine_ca "
+                              "(the engines' control permission takes the same client certificate)")
+        if not (0 < sc.tick <= 60 and sc.request_timeout > 0 and sc.connect_timeout > 0 and sc.retry_s > 0
+                and sc.primary_fresh_s > 0):
+            raise ConfigError("schedules.tick (at most 60), request_timeout, connect_timeout, retry_s and "
+                              "primary_fresh_s must be positive")
         a = self.alerts
         if a.webhook_url and not a.webhook_url.startswith(("http://", "https://")):
             raise ConfigError("alerts.webhook_url must be an http(s) URL")
@@ -186,14 +214,15 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
-    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts"})
+    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts", "schedules"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     cfg = Config(database=_section(DatabaseConfig, raw.get("database", {}), "database"),
                  server=_section(ServerConfig, raw.get("server", {}), "server"),
                  api=_section(ApiConfig, raw.get("api", {}), "api"),
                  monitor=_section(MonitorConfig, raw.get("monitor", {}), "monitor"),
-                 alerts=_section(AlertsConfig, raw.get("alerts", {}), "alerts"))
+                 alerts=_section(AlertsConfig, raw.get("alerts", {}), "alerts"),
+                 schedules=_section(SchedulesConfig, raw.get("schedules", {}), "schedules"))
     if env.get("TANDEM_CENTER_DSN_FILE"):
         cfg.database.dsn_file = env["TANDEM_CENTER_DSN_FILE"]
     if env.get("TANDEM_CENTER_DSN"):

@@ -85,7 +85,8 @@ class VolumeExport:
 class Daemon:
     def __init__(self, config_dir: str, state_dir: str, run_dir: str, monitor: dict | None = None):
         self.config_dir, self.state_dir, self.run_dir = config_dir, state_dir, run_dir
-        #: {"listen": "HOST:PORT", "cert", "key", "ca"}: the read-only monitor endpoint, or None.
+        #: {"listen": "HOST:PORT", "cert", "key", "ca", "control_clients"}: the monitor endpoint,
+        #: or None.
         self.monitor_settings = monitor
         self.monitor: monitor_mod.MonitorServer | None = None
         self.resources: dict[str, Resource] = {}
@@ -124,7 +125,8 @@ class Daemon:
             m = self.monitor_settings
             host, port = monitor_mod.parse_listen(m["listen"])
             self.monitor = monitor_mod.MonitorServer(
-                self, host, port, monitor_mod.server_context(m["cert"], m["key"], m["ca"]))
+                self, host, port, monitor_mod.server_context(m["cert"], m["key"], m["ca"]),
+                control_clients=frozenset(m.get("control_clients") or ()))
             await self.monitor.start()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
@@ -376,13 +378,19 @@ def main(argv=None) -> int:
     m.add_argument("--monitor-cert", help="this node's certificate (PEM)")
     m.add_argument("--monitor-key", help="its private key (PEM, unencrypted)")
     m.add_argument("--monitor-ca", help="CA bundle the clients' certificates must chain to")
+    m.add_argument("--control-clients", metavar="CN[,CN...]", default="",
+                   help="subject CNs of the monitor clients (tandem-center) that may also create and "
+                        "delete their own scheduled recovery points (rp-create, rp-delete); off by default")
     args = p.parse_args(argv)
     monitor = None
+    control_clients = [c.strip() for c in args.control_clients.split(",") if c.strip()]
+    if control_clients and not args.monitor_listen:
+        p.error("--control-clients needs the monitor endpoint (--monitor-listen)")
     if args.monitor_listen:
         if not (args.monitor_cert and args.monitor_key and args.monitor_ca):
             p.error("--monitor-listen needs --monitor-cert, --monitor-key and --monitor-ca")
         monitor = {"listen": args.monitor_listen, "cert": args.monitor_cert, "key": args.monitor_key,
-                   "ca": args.monitor_ca}
+                   "ca": args.monitor_ca, "control_clients": control_clients}
     logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     daemon = Daemon(args.config_dir, args.state_dir, args.run_dir, monitor=monitor)

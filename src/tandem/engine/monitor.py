@@ -9,12 +9,24 @@ socket, but only two requests are served:
 - {"cmd": "events"}: an "exists" line per resource, then every engine event as it happens,
   until the client goes away.
 
-Anything else gets {"ok": false, "error": ...} and the connection is closed: nothing here
-changes the engine. The client must present a certificate that chains to --monitor-ca (TLS
-1.3 only). Hostile clients are bounded: a TLS handshake and the request line each have a
-timeout, the request line a size limit, the number of connections a cap, an events reader that
-stops reading is dropped once the engine's queue or the write timeout says so, and one
-that closes its side (or sends anything more) ends its stream at once.
+- {"cmd": "rp-list", "resource": NAME}: the resource's recovery points (as `tandemctl rp list`).
+
+With --control-clients CN[,CN...] (off by default) the clients whose certificate's subject
+CN is in that list may also ask for the two things tandem-center's RP schedule needs, and
+nothing else (no role change, no restore, no other RP):
+
+- {"cmd": "rp-create", "resource": NAME, "id": "center-..."}: a crash-consistent RP of every
+  volume with that id, reason "center"; idempotent (an existing center RP of that id is
+  returned with "created": false), so a retried slot never makes a second RP;
+- {"cmd": "rp-delete", "resource": NAME, "id": "center-..."}: delete such an RP ("deleted":
+  false if it is already gone); refused for an RP of any other reason and for a labelled one.
+
+Anything else gets {"ok": false, "error": ...} and the connection is closed. The client must
+present a certificate that chains to --monitor-ca (TLS 1.3 only). Hostile clients are
+bounded: a TLS handshake and the request line each have a timeout, the request line a size
+limit, the number of connections a cap, an events reader that stops reading is dropped once
+the engine's queue or the write timeout says so, and one that closes its side (or sends
+anything more) ends its stream at once.
 """
 
 from __future__ import annotations
@@ -23,8 +35,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import ssl
+
+from .recovery import RecoveryPointError
+from .rpstore import RPStoreError
 
 log = logging.getLogger("tandem.engine.monitor")
 
@@ -33,6 +49,10 @@ REQUEST_TIMEOUT = 5.0      # seconds for the TLS handshake and for the request l
 WRITE_TIMEOUT = 30.0       # a reader that takes longer than this to take a line is dropped
 MAX_CLIENTS = 64
 EVENT_QUEUE = 10000
+#: Ids the control permission may create or delete: its own namespace, apart from the
+#: engine's time-based ids, within rpstore's RP_ID_RE (at most 81 characters).
+CENTER_RP_ID = re.compile(r"center-[A-Za-z0-9_.:-]{1,74}")
+CONTROL_KEYS = {"cmd", "resource", "id"}
 
 
 class MonitorError(ValueError):
@@ -63,8 +83,12 @@ def server_context(cert: str, key: str, ca: str) -> ssl.SSLContext:
 class MonitorServer:
     """Serves `status` and `events` of a Daemon (its `_handle` for status, its subscribers)."""
 
-    def __init__(self, daemon, host: str, port: int, ctx: ssl.SSLContext):
+    def __init__(self, daemon, host: str, port: int, ctx: ssl.SSLContext,
+                 control_clients: frozenset[str] = frozenset()):
         self.daemon, self.host, self.port, self.ctx = daemon, host, port, ctx
+        #: subject CNs allowed rp-create / rp-delete (empty: the endpoint is read-only)
+        self.control_clients = frozenset(control_clients)
+        self._control_lock = asyncio.Lock()     # one control request at a time: check-then-create
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task] = set()
 
@@ -125,11 +149,15 @@ class MonitorServer:
                 await self._send(writer, reply)
             elif cmd == "events":
                 await self._stream(reader, writer)
+            elif cmd == "rp-list":
+                await self._send(writer, self._rp_list(req))
+            elif cmd in ("rp-create", "rp-delete"):
+                await self._send(writer, await self._control(req, writer, peer))
             else:
                 log.warning("monitor client %s: refused request %r (read-only endpoint)", peer,
                             str(cmd)[:40])
                 await self._send(writer, {"ok": False, "error": f"refused: {str(cmd)[:40]!r} is not a "
-                                                                "monitor request (status, events)"})
+                                                                "monitor request (status, events, rp-list)"})
         except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
             pass
         except Exception:
@@ -140,6 +168,58 @@ class MonitorServer:
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1):
                     await writer.wait_closed()
+
+    def _resource(self, req: dict):
+        name = req.get("resource")
+        if not isinstance(name, str) or name not in self.daemon.resources:
+            raise LookupError(f"no resource {str(name)[:80]!r} on this node")
+        return self.daemon.resources[name]
+
+    def _rp_list(self, req: dict) -> dict:
+        try:
+            res = self._resource(req)
+        except LookupError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": True, "resource": res.name, "recovery_points": res.rp_list()}
+
+    @staticmethod
+    def _peer_cn(writer: asyncio.StreamWriter) -> str | None:
+        cert = writer.get_extra_info("peercert") or {}
+        for rdn in cert.get("subject", ()):
+            for key, value in rdn:
+                if key == "commonName":
+                    return value
+        return None
+
+    async def _control(self, req: dict, writer: asyncio.StreamWriter, peer) -> dict:
+        """rp-create / rp-delete, for the clients named by --control-clients only."""
+        cmd, cn = req["cmd"], self._peer_cn(writer)
+        if cn is None or cn not in self.control_clients:
+            log.warning("monitor client %s (CN %r): refused %s: not a control client", peer, cn, cmd)
+            return {"ok": False, "error": f"refused: {cmd} needs a control client (--control-clients)"}
+        if set(req) - CONTROL_KEYS:
+            extra = sorted(str(k)[:40] for k in set(req) - CONTROL_KEYS)
+            return {"ok": False, "error": f"unknown key(s) {extra}"}
+        rp_id = req.get("id")
+        if not isinstance(rp_id, str) or not CENTER_RP_ID.fullmatch(rp_id):
+            return {"ok": False, "error": f"id must match {CENTER_RP_ID.pattern}"}
+        try:
+            res = self._resource(req)
+        except LookupError as e:
+            return {"ok": False, "error": str(e)}
+        async with self._control_lock:
+            try:
+                if cmd == "rp-create":
+                    manifest, created = await res.rp_create_center(rp_id)
+                    log.info("control client %s: %s resource=%s id=%s", cn,
+                             "created" if created else "already had", res.name, rp_id)
+                    return {"ok": True, "recovery_point": manifest, "created": created}
+                deleted = await res.rp_delete_center(rp_id)
+                log.info("control client %s: %s resource=%s id=%s", cn,
+                         "deleted" if deleted else "nothing to delete", res.name, rp_id)
+                return {"ok": True, "deleted": deleted, "id": rp_id}
+            except (RecoveryPointError, RPStoreError, OSError) as e:
+                return {"ok": False, "error": str(e)}
 
     async def _stream(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         q: asyncio.Queue = asyncio.Queue(maxsize=EVENT_QUEUE)

@@ -48,7 +48,10 @@ log = logging.getLogger("tandem.engine.recovery")
 
 #: Why an RP was taken. "scheduled" ones follow rp_keep / rp_max_age; the
 #: automatic ones keep the newest AUTO_KEEP; "manual" ones stay until deleted.
-SCHEDULED, MANUAL = "scheduled", "manual"
+#: "center" ones were asked for by tandem-center's schedule over the monitor endpoint's
+#: control permission (monitor.py), with an id it chose; the center expires them, the
+#: engine's retention does not touch them.
+SCHEDULED, MANUAL, CENTER = "scheduled", "manual", "center"
 PRE_RESYNC, DEGRADED, SPLIT_BRAIN = "pre-resync", "degraded", "split-brain"
 AUTOMATIC = (PRE_RESYNC, DEGRADED, SPLIT_BRAIN)
 AUTO_KEEP = 8
@@ -143,11 +146,15 @@ class RecoveryPoints:
     # -- create / list / delete ---------------------------------------------------------------
 
     def create(self, reason: str, *, role: str, consistent: bool, generations: list[str],
-               labels: dict | None = None) -> Manifest:
-        """Blocking; the caller guarantees no write is in progress on any volume."""
+               labels: dict | None = None, rp_id: str | None = None) -> Manifest:
+        """Blocking; the caller guarantees no write is in progress on any volume.
+        rp_id: the id the caller chose (it must not exist yet), else one from the time."""
         now = time.time()
-        rp_id = check_rp_id(time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-"
-                            + reason)
+        if rp_id is None:
+            rp_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-" + reason
+        check_rp_id(rp_id)
+        if rp_id in self.manifests:
+            raise RecoveryPointError(f"recovery point {rp_id!r} exists")
         m = Manifest(rp_id, reason, now, self.node, role, consistent, generations, dict(labels or {}))
         for s in self.stores:
             s.create(rp_id)

@@ -44,7 +44,16 @@ from .metadata import (
 from .pacer import TICK as PACER_TICK
 from .pacer import ResyncPacer
 from .rangelock import RangeLock
-from .recovery import DEGRADED, MANUAL, PRE_RESYNC, SCHEDULED, SPLIT_BRAIN, RecoveryPointError, RecoveryPoints
+from .recovery import (
+    CENTER,
+    DEGRADED,
+    MANUAL,
+    PRE_RESYNC,
+    SCHEDULED,
+    SPLIT_BRAIN,
+    RecoveryPointError,
+    RecoveryPoints,
+)
 from .rpstore import RPStoreError
 from .volume import INLINE, Volume, run_io, write_batch
 from .waiters import wait, wake_all
@@ -598,7 +607,8 @@ class Resource:
     def _consistent(self) -> bool:
         return all(vs.disk != INCONSISTENT for vs in self.vols)
 
-    async def _take_rp(self, reason: str, *, quiesced: bool = False, labels: dict | None = None):
+    async def _take_rp(self, reason: str, *, quiesced: bool = False, labels: dict | None = None,
+                       rp_id: str | None = None):
         """Create an RP of every volume at one instant; returns its manifest.
 
         quiesced: the caller already holds writes and the apply path still
@@ -612,19 +622,19 @@ class Resource:
                 self._event("rp-skipped", reason=reason, same_as=last.id)
                 return last
         if quiesced:
-            return await self._create_rp(reason, labels)
+            return await self._create_rp(reason, labels, rp_id)
         if self._apply_running():
             marker = _ApplyPause(asyncio.get_running_loop())
             self._apply_backlog += 1
             self._apply_q.put_nowait([marker])
             await marker.reached
             try:
-                return await self._create_rp(reason, labels)
+                return await self._create_rp(reason, labels, rp_id)
             finally:
                 marker.done.set_result(None)
         await self._pause_io()
         try:
-            return await self._create_rp(reason, labels)
+            return await self._create_rp(reason, labels, rp_id)
         finally:
             self._resume_io()
 
@@ -672,11 +682,11 @@ class Resource:
                 if isinstance(item, _ApplyPause) and not item.reached.done():
                     item.reached.set_result(None)
 
-    async def _create_rp(self, reason: str, labels: dict | None):
+    async def _create_rp(self, reason: str, labels: dict | None, rp_id: str | None = None):
         t0 = time.monotonic()
         m = await asyncio.to_thread(
             self.rps.create, reason, role=self.role, consistent=self._consistent(),
-            generations=[_gi(vs.vol.md.sb.current_gi) for vs in self.vols], labels=labels)
+            generations=[_gi(vs.vol.md.sb.current_gi) for vs in self.vols], labels=labels, rp_id=rp_id)
         self._dirty_since_rp = False
         self._event("rp-created", id=m.id, reason=reason, consistent=m.consistent,
                     seconds=round(time.monotonic() - t0, 4))
@@ -718,6 +728,33 @@ class Resource:
 
     async def rp_create(self, labels: dict | None = None) -> dict:
         return (await self._take_rp(MANUAL, labels=labels)).to_dict()
+
+    async def rp_create_center(self, rp_id: str) -> tuple[dict, bool]:
+        """tandem-center's scheduled RP with the id it chose: (manifest, created). Idempotent: an
+        RP of that id that the center made is returned as is (a retry after a lost reply or a
+        leader change), so one slot never makes two RPs. The caller serialises calls."""
+        m = self.rps.manifests.get(rp_id)
+        if m is not None:
+            if m.reason != CENTER:
+                raise RecoveryPointError(f"recovery point {rp_id!r} exists and was not made by the center")
+            return m.to_dict(), False
+        return (await self._take_rp(CENTER, rp_id=rp_id)).to_dict(), True
+
+    async def rp_delete_center(self, rp_id: str) -> bool:
+        """Retention of tandem-center's schedule: delete an RP the center made (False: no such
+        RP, already gone). Refuses any other RP, and one with a label (e.g. tested=... after a
+        drill: a person chose to keep it); the usual checks (exported, cloned, the last
+        consistent image of an Inconsistent volume) apply too."""
+        m = self.rps.manifests.get(rp_id)
+        if m is None:
+            return False
+        if m.reason != CENTER:
+            raise RecoveryPointError(f"recovery point {rp_id!r} was not made by the center")
+        if m.labels:
+            raise RecoveryPointError(f"recovery point {rp_id!r} is labelled "
+                                     f"({', '.join(sorted(m.labels))}): it is kept")
+        await self.rp_delete(rp_id)
+        return True
 
     def rp_list(self) -> list[dict]:
         return self.rps.list()
