@@ -20,7 +20,7 @@ options:
     required: true
   token:
     description:
-      - An API token made by C(tandem-center token create) (C(tdc_...)); sent as C(Authorization: Bearer).
+      - "An API token made by C(tandem-center token create) (C(tdc_...)); sent as C(Authorization: Bearer)."
       - Reading needs the read-only role, recording runs the operator role, changing the catalogue admin.
       - Defaults to the E(TANDEM_CENTER_TOKEN) environment variable (an AWX credential can inject it).
     type: str

@@ -31,7 +31,6 @@ options:
     description: The run's unique key, chosen by the caller (letters, digits, C(_.:-), at most 128).
     type: str
     required: true
-    no_log: false
   kind:
     description: What the run does. Required to create the run; checked against it otherwise.
     type: str
@@ -58,7 +57,6 @@ options:
         description: The step's key, unique in the run.
         type: str
         required: true
-        no_log: false
       name:
         description: What the step did.
         type: str
