@@ -112,6 +112,36 @@ def test_plan_info_gives_plans_and_their_network_mappings(center, catalogue, mon
     assert unknown["missing"] == ["x"] and unknown["plans"] == []
 
 
+def test_vm_registers_a_protected_vm_idempotently(center, catalogue, monkeypatch):
+    vm = {**conn(center, "admin"), "name": "app01", "production_site": "site-a", "dr_site": "site-b",
+          "hypervisor": "hv-a1", "policy": "gold",
+          "volumes": [{"resource": "app01", "volume": 0, "target_dev": "vda", "size_bytes": 1 << 30}]}
+    audit = len(center.db.audit_rows())
+    check = run(monkeypatch, "tandem_center_vm", vm, check=True, diff=True)
+    assert check["changed"] and check["actions"] == ["create vm app01", "create volume app01/0 (vda)"]
+    assert check["diff"]["before"] == {} and check["diff"]["after"]["volumes"][0]["target_dev"] == "vda"
+    assert len(center.db.audit_rows()) == audit and center.count("protected_vms WHERE name = 'app01'") == 0
+    made = run(monkeypatch, "tandem_center_vm", vm)
+    assert made["changed"] and [v["target_dev"] for v in made["vm"]["volumes"]] == ["vda"]
+    assert not run(monkeypatch, "tandem_center_vm", vm)["changed"]                    # idempotent
+    audit = len(center.db.audit_rows())
+    vdb = {"resource": "app01", "volume": 1, "target_dev": "vdb", "size_bytes": 1 << 20}
+    grown = {**vm, "volumes": [{**vm["volumes"][0], "size_bytes": 2 << 30}, vdb], "hypervisor": None}
+    changed = run(monkeypatch, "tandem_center_vm", grown, diff=True)
+    assert changed["actions"] == ["update vm app01", "update volume app01/0 (vda)",
+                                  "create volume app01/1 (vdb)"]
+    assert changed["vm"]["hypervisor_id"] is None and len(changed["vm"]["volumes"]) == 2
+    assert len(center.db.audit_rows()) == audit + 3                                     # each change audited
+    bad = run(monkeypatch, "tandem_center_vm", {**vm, "policy": "nosuch"}, fail=True)
+    assert "no policy 'nosuch'" in bad["msg"]
+    operator = run(monkeypatch, "tandem_center_vm", {**vm, "token": center.tokens["operator"]}, fail=True)
+    assert operator["status"] == 403
+    assert run(monkeypatch, "tandem_center_vm", {**vm, "state": "absent"}, check=True)["changed"]
+    gone = run(monkeypatch, "tandem_center_vm", {**vm, "state": "absent"})
+    assert gone["actions"] == ["delete vm app01"] and center.count("vm_volumes WHERE resource = 'app01'") == 0
+    assert not run(monkeypatch, "tandem_center_vm", {**vm, "state": "absent"})["changed"]
+
+
 # -- recording runs -----------------------------------------------------------------------------
 
 STEP = {"key": "start-db01", "name": "started db01", "status": "changed",
