@@ -631,3 +631,51 @@ def test_a_read_only_database_serves_reads_and_refuses_changes_with_503(db):
         assert r.status_code == 503 and "read-only" in r.json()["detail"]
         assert client.post(API + "/sites", json={"name": "s"}, headers=auth(db, "reader")).status_code == 403
     assert count(db, "sites") == 0 and db.audit_rows() == []
+
+
+def test_runs_and_steps_are_idempotent_by_key(client):
+    """tandem.dr.tandem_center_run records a run and its steps under keys it chooses (migration
+    0004): recording again is a no-op (200), another value under a known key a 409."""
+    body = {"kind": "drill", "key": "drill-web-1", "series": "drill-web", "parameters": {"plan": "web"}}
+    first = post(client, "/runs", body, "operator")
+    assert first.status_code == 201 and first.json()["key"] == "drill-web-1", first.text
+    run_id = first.json()["id"]
+    again = post(client, "/runs", body, "operator")
+    assert again.status_code == 200 and again.json()["id"] == run_id
+    assert post(client, "/runs", {**body, "kind": "failover"}, "operator").status_code == 409
+    assert post(client, "/runs", {**body, "parameters": {"plan": "db"}}, "operator").status_code == 409
+    assert count(client.db, "runs") == 1
+    step = {"key": "start-web01", "name": "start web01", "status": "changed",
+            "detail": {"vms": {"web01": {}}}, "started_at": "2026-11-30T01:00:00Z"}
+    r = post(client, f"/runs/{run_id}/steps", step, "operator")
+    assert r.status_code == 201 and r.json()["seq"] == 1 and r.json()["key"] == "start-web01"
+    same_instant = {**step, "started_at": "2026-11-30T02:00:00+01:00"}
+    assert post(client, f"/runs/{run_id}/steps", same_instant, "operator").status_code == 200
+    assert post(client, f"/runs/{run_id}/steps", {**step, "status": "failed"}, "operator").status_code == 409
+    assert post(client, f"/runs/{run_id}/steps", {**step, "key": "health"}, "operator").json()["seq"] == 2
+    assert count(client.db, "run_steps") == 2
+    # The newest run of a series, and a run by key, without paging through all runs.
+    post(client, "/runs", {"kind": "drill", "key": "other", "series": "drill-db"}, "operator")
+    newer = post(client, "/runs", {**body, "key": "drill-web-2"}, "operator").json()
+    hdr = auth(client.db, "reader")
+    newest = client.get(API + "/runs", params={"series": "drill-web", "newest_first": "true", "limit": 1},
+                        headers=hdr).json()
+    assert [r["key"] for r in newest] == ["drill-web-2"]
+    by_key = client.get(API + "/runs", params={"key": "drill-web-1"}, headers=hdr).json()
+    assert [r["id"] for r in by_key] == [run_id]
+    assert client.get(API + "/runs", params={"key": "bad key!"}, headers=hdr).status_code == 422
+    # Finishing is once; the same finish again is answered unchanged, another one refused.
+    fin = {"state": "succeeded", "result": {"vms": 1}}
+    done = post(client, f"/runs/{run_id}/finish", fin, "operator")
+    assert done.status_code == 200 and [s["seq"] for s in done.json()["steps"]] == [1, 2]
+    assert post(client, f"/runs/{run_id}/finish", fin, "operator").json()["finished_at"] == \
+        done.json()["finished_at"]
+    assert post(client, f"/runs/{run_id}/finish", {**fin, "result": {}}, "operator").status_code == 409
+    # A known step of a finished run is still a no-op; a new one is refused.
+    assert post(client, f"/runs/{run_id}/steps", step, "operator").status_code == 200
+    assert post(client, f"/runs/{run_id}/steps", {**step, "key": "late"}, "operator").status_code == 409
+    assert post(client, f"/runs/{newer['id']}/steps", step, "reader").status_code == 403
+    audit = client.db.audit_rows()
+    actions = [(a[2], a[5], (a[6] or {}).get("new")) for a in audit if a[2].startswith("run.")]
+    assert ("run.create", True, False) in actions and ("run.step", True, False) in actions
+    assert ("run.create", False, None) in actions          # the 409s are audited as refused

@@ -1,6 +1,7 @@
 """meta/runtime.yml's action groups list every module in plugins/modules/ exactly once:
 `tandem` for the tandemctl modules (shared options: tandemctl, socket), `libvirt` for the
-tandem_vm modules (shared option: uri), so module_defaults for a group never pass an
+tandem_vm modules (shared option: uri), `center` for the tandem-center API modules (url, token,
+TLS options), so module_defaults for a group never pass an
 option a member lacks."""
 
 from pathlib import Path
@@ -9,7 +10,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 FQCN_PREFIX = "tandem.dr."
-GROUPS = ("tandem", "libvirt")
+GROUPS = ("tandem", "libvirt", "center")
 #: Modules with no connection options to share: in no group.
 UNGROUPED = {"tandem_health", "tandem_drill_network"}
 
@@ -48,3 +49,5 @@ def test_every_action_group_entry_is_a_module():
 def test_groups_hold_modules_with_the_same_connection_options():
     assert all(m.startswith("tandem_vm") for m in _group("libvirt"))
     assert not any(m.startswith("tandem_vm") for m in _group("tandem"))
+    assert all(m.startswith("tandem_center_") for m in _group("center"))
+    assert not any(m.startswith("tandem_center_") for m in _group("tandem") | _group("libvirt"))

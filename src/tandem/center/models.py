@@ -194,13 +194,20 @@ class RecoveryPoint(BaseModel):
 
 # -- runs --------------------------------------------------------------------------------------
 
+# Caller-given keys (migration 0004): recording a run or a step again under its key is a no-op.
+Key = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$", examples=["drill-web-1"])]
+
+
 class RunIn(Input):
     kind: Literal["failover", "failback", "drill"]
     plan_id: Id | None = None
     parameters: JsonObject = {}
+    key: Key | None = Field(None, description="unique; creating a run with a known key returns it (200)")
+    series: Key | None = Field(None, description="groups the runs of one operation and plan (resuming)")
 
 
 class StepIn(Input):
+    key: Key | None = Field(None, description="unique in the run; appending a known key returns it (200)")
     name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
     status: Literal["ok", "changed", "skipped", "failed"]
     started_at: AwareDatetime | None = None
@@ -216,6 +223,7 @@ class RunFinish(Input):
 class Step(BaseModel):
     id: int
     seq: int
+    key: str | None = None
     name: str
     status: str
     started_at: datetime | None
@@ -226,6 +234,8 @@ class Step(BaseModel):
 
 class Run(BaseModel):
     id: int
+    key: str | None = None
+    series: str | None = None
     kind: str
     plan_id: int | None
     state: str
