@@ -11,6 +11,7 @@ include mk/toolchain.mk
 include mk/lab.mk
 include mk/bench.mk
 include mk/package.mk
+include mk/docs.mk
 
 # bench's recipes are in mk/bench.mk; they need fio/nbdkit and the venv.
 bench bench-faults: engine-deps $(VENV_STAMP)
@@ -40,6 +41,8 @@ help:
 	@echo "make lint        ruff and ansible-lint --offline"
 	@echo "make sanity      ansible-test sanity (offline)"
 	@echo "make demo        bring the lab up and run the whole DR story on it (lab/tandem_lab/demo.py)"
+	@echo "make docs-reference  regenerate docs/reference/ (a page per module, filter and role)"
+	@echo "make changelog   lint the changelog fragments, write CHANGELOG.rst (unreleased changes)"
 	@echo "make collection  build dist/tandem-dr-VERSION.tar.gz; make ee-context: the AWX EE build context"
 	@echo "make lab-up / lab-down / lab-status / lab-up-xfs / lab-clean-cache"
 	@echo "make lab-guest-image  build the lab guest (Debian kernel + busybox initramfs)"
