@@ -11,7 +11,7 @@ all small messages and every await costs a loop iteration:
   so the secondary applies and acknowledges a whole batch without waking
   any task;
 - `send()` queues and everything queued in one loop iteration leaves in
-  one syscall.
+  one syscall (`flush_now()` sends at once when nothing else can join).
 
 A malformed message (wire.ProtocolError) or an exception from the callback
 aborts the connection; `done` then holds that error, otherwise a LinkClosed.
@@ -259,6 +259,13 @@ class Link(asyncio.BufferedProtocol):
         if not self._out_scheduled:
             self._out_scheduled = True
             self._loop.call_soon(self._flush)
+
+    def flush_now(self) -> None:
+        """Send what is queued without waiting for the end of the loop pass: for a
+        caller that knows nothing else will join it (a lone write, the acks of a
+        whole receive), so a round trip does not pay an extra loop iteration."""
+        if self._out:
+            self._flush()
 
     def _flush(self) -> None:
         self._out_scheduled = False

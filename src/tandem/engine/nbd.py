@@ -355,7 +355,10 @@ class _Connection(asyncio.BufferedProtocol):
             if self.pgot < len(pview):
                 return
             self.pview = None
-            data = bytes(pview)
+            # The buffer is this request's own: hand it on without a copy (a 1 MiB
+            # copy per write was a quarter of the server's CPU at 1 MiB QD16).
+            data = pview.obj
+            pview.release()
             flags, handle, offset, length = self.phdr
             if self.phase == _TRANSMISSION:
                 self.in_process = True
@@ -459,11 +462,17 @@ class _Connection(asyncio.BufferedProtocol):
 
     # --- output ---------------------------------------------------------------------------
 
-    def _send(self, data: Any) -> None:
+    def _send(self, *data: Any) -> None:
         if self.phase == _DEAD:
             return
-        self.out.append(data)
-        if not self.in_process and not self.flush_pending:
+        self.out += data
+        if self.in_process:
+            return  # _process sends everything once it has parsed the whole buffer
+        if self.inflight <= 1:
+            # The only request in flight (queue depth 1): nothing can join this reply,
+            # so send it now rather than one loop pass later.
+            self._flush()
+        elif not self.flush_pending:
             self.flush_pending = True
             self.loop.call_soon(self._flush)
 
@@ -821,7 +830,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.rpos = rpos
             self.wpos = wpos
 
-    def _write(self, flags: int, handle: int, offset: int, length: int, data: bytes) -> None:
+    def _write(self, flags: int, handle: int, offset: int, length: int, data: bytes | bytearray) -> None:
         self.requests += 1
         self.server._requests[CMD_WRITE] += 1
         if flags & ~CMD_FLAG_FUA:
@@ -899,7 +908,7 @@ class _Connection(asyncio.BufferedProtocol):
         handle: int,
         offset: int,
         length: int,
-        data: bytes | None,
+        data: bytes | bytearray | None,
         cost: int,
     ) -> None:
         export: Any = self.export
@@ -908,8 +917,7 @@ class _Connection(asyncio.BufferedProtocol):
                 buf = await export.read(offset, length)
                 if len(buf) != length:
                     raise OSError(errno.EIO, f"export returned {len(buf)} bytes for a {length}-byte read")
-                self._send(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle))
-                self._send(buf)
+                self._send(_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), buf)
                 self.server._bytes_read += length
             else:
                 fua = bool(flags & CMD_FLAG_FUA)
