@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import auth, handshake, security, wire
+from .link import BIG as BIG_PAYLOAD
 from .link import Link, connect, listen
 from .metadata import (
     CONSISTENT,
@@ -1250,9 +1251,14 @@ class Resource:
         self._dirty_since_rp = True
         acks = []
         last_seq = 0
+        link = self._link
         for m in msgs:
             vol = vols[m.volume].vol
             vol.bytes_written += m.length
+            if link is not None and m.length > BIG_PAYLOAD:
+                # Written: its receive buffer can take a later message (no copy kept).
+                payload, m.data = m.data.obj, b""
+                link.recycle(payload)
             if m.type == T.DATA:
                 last_seq = m.seq
             else:
