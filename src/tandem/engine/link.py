@@ -46,8 +46,11 @@ HANDSHAKE_TIMEOUT = 5.0
 #: TLS handshakes a listener runs at once; more connections are dropped at once
 #: (each costs the ssl module a 256 KiB buffer before anyone is authenticated).
 MAX_HANDSHAKES = 16
-#: Over TLS, sends of at most this many bytes are joined into one record stream.
+#: Over TLS, runs of buffers smaller than a record are joined into pieces of at most
+#: this many bytes before encryption (see _join_small).
 TLS_JOIN = 64 << 10
+#: The largest TLS record's payload.
+TLS_RECORD = 16 << 10
 #: Big receive buffers kept for reuse (see recycle()), in bytes at most: a fresh
 #: 1 MiB bytearray is zero-filled and page-faulted in every time, which was about
 #: a quarter of a secondary's CPU under 1 MiB writes.
@@ -295,12 +298,9 @@ class Link(asyncio.BufferedProtocol):
         self._out_scheduled = False
         out, self._out = self._out, []
         if out and self.transport is not None and not self.transport.is_closing():
-            if self._tls and len(out) > 1 and sum(map(len, out)) <= TLS_JOIN:
-                # The ssl transport makes a TLS record of each buffer: one for
-                # many small messages is cheaper (a copy of up to 64 KiB).
-                self.transport.write(b"".join(out))
-            else:
-                self.transport.writelines(out)
+            if self._tls and len(out) > 1:
+                out = _join_small(out)
+            self.transport.writelines(out)
 
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark (or until the link ends)."""
@@ -456,6 +456,33 @@ class _Handshake(asyncio.Protocol):
         link.connection_made(transport)
         if self._early and link.transport is not None and not link.transport.is_closing():
             link._feed(bytes(self._early))
+
+
+def _join_small(out: list) -> list:
+    """Join runs of small buffers into pieces of up to TLS_JOIN bytes.
+
+    The ssl transport encrypts each buffer it is given into records of its own:
+    a 26-byte DATA header and its 4 KiB block were two records, and 16 writes
+    coalesced in one loop pass were 32. A copy of up to 64 KiB is cheaper than
+    that; buffers of a full record (TLS_RECORD) or more go as they are.
+    """
+    joined, run, run_len = [], [], 0
+    for buf in out:
+        n = len(buf)
+        if n >= TLS_RECORD:
+            if run:
+                joined.append(b"".join(run) if len(run) > 1 else run[0])
+                run, run_len = [], 0
+            joined.append(buf)
+            continue
+        if run_len + n > TLS_JOIN:
+            joined.append(b"".join(run) if len(run) > 1 else run[0])
+            run, run_len = [], 0
+        run.append(buf)
+        run_len += n
+    if run:
+        joined.append(b"".join(run) if len(run) > 1 else run[0])
+    return joined
 
 
 def _address(transport) -> str:
