@@ -6,37 +6,54 @@ without a copy, and the secondary receives each replicated one into a buffer
 that it reuses for a later message of the same size once the write is done.
 A buffer reused too early would leave the secondary (or the primary) with
 another write's data while both report in sync; so several clients write
-random data of a few repeating sizes at once, and both backing files must
-equal what the clients wrote.
+random data of a few repeating sizes at once, several in flight on each
+connection, and both backing files must equal what the clients wrote.
 """
 
 from __future__ import annotations
 
 import random
+import struct
 import threading
 
 import pytest
 
 from .harness import MiB, Pair
-from .nbdclient import Client
+from .nbdclient import CMD_WRITE, FLAG_FUA, Client
 
 WRITERS = 4
-WRITES = 40
+BATCHES = 6
+DEPTH = 8                                    # writes in flight per connection
 SIZES = (80 << 10, 256 << 10, 1 << 20)       # over the 64 KiB big-payload limit, repeated
+REQUEST = struct.Struct(">IHHQQI")           # NBD request: magic, flags, type, handle, offset, length
+REPLY = struct.Struct(">IIQ")                # simple reply: magic, error, handle
 
 
 def writer(sock: str, export: str, base: int, region: int, seed: int, model: bytearray,
            errors: list) -> None:
+    """DEPTH pipelined writes at a time, to distinct 1 MiB slots of this writer's region."""
     rng = random.Random(seed)
     try:
         c = Client(sock, export)
         try:
-            for _ in range(WRITES):
-                size = rng.choice(SIZES)
-                offset = base + rng.randrange(0, (region - size) // 4096) * 4096
-                data = rng.randbytes(size)
-                c.write(offset, data, fua=rng.random() < 0.1)
-                model[offset:offset + size] = data      # acknowledged: this is what must be there
+            for batch in range(BATCHES):
+                writes = []
+                for slot in rng.sample(range(region // MiB), DEPTH):
+                    size = rng.choice(SIZES)
+                    offset = base + slot * MiB + rng.randrange(0, (MiB - size) // 4096 + 1) * 4096
+                    writes.append((offset, rng.randbytes(size), rng.random() < 0.1))
+                c.sock.sendall(b"".join(
+                    REQUEST.pack(0x25609513, FLAG_FUA if fua else 0, CMD_WRITE, batch * DEPTH + i, offset,
+                                 len(data)) + data
+                    for i, (offset, data, fua) in enumerate(writes)))
+                handles = set()
+                for _ in writes:
+                    magic, error, handle = REPLY.unpack(c._recv(REPLY.size))
+                    assert magic == 0x67446698 and not error, (magic, error)
+                    handles.add(handle)
+                assert handles == {batch * DEPTH + i for i in range(DEPTH)}
+                for offset, data, _ in writes:
+                    model[offset:offset + len(data)] = data     # acknowledged: what must be there
         finally:
             c.close()
     except Exception as e:  # noqa: BLE001 - reported by the test
