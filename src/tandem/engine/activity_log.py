@@ -51,6 +51,15 @@ class ActivityLog:
     def try_acquire(self, offset: int, length: int) -> bool:
         """Reference the extents if all are active already; False means call `acquire`."""
         active = self._active
+        first = offset >> AL_EXTENT_SHIFT
+        if first == (offset + max(length, 1) - 1) >> AL_EXTENT_SHIFT:
+            # One extent (nearly every write): no range object, one lookup.
+            refs = active.get(first)
+            if refs is None:
+                return False
+            active[first] = refs + 1
+            active.move_to_end(first)
+            return True
         wanted = self.extents(offset, length)
         for e in wanted:
             if e not in active:
@@ -73,8 +82,12 @@ class ActivityLog:
 
     def release(self, offset: int, length: int) -> None:
         active = self._active
-        for e in self.extents(offset, length):
-            active[e] -= 1
+        first = offset >> AL_EXTENT_SHIFT
+        if first == (offset + max(length, 1) - 1) >> AL_EXTENT_SHIFT:
+            active[first] -= 1
+        else:
+            for e in self.extents(offset, length):
+                active[e] -= 1
         if self._released:
             wake_all(self._released)
 

@@ -84,6 +84,15 @@ class Bitmap:
             return 0
         first = offset >> self._shift
         last = min((offset + length - 1) >> self._shift, self.bits - 1)
+        if first == last:
+            # One block (every small write of a Primary without its peer): no slicing.
+            byte, mask = first >> 3, 1 << (first & 7)
+            if self._map[byte] & mask:
+                return 0
+            self._map[byte] |= mask
+            self._count += 1
+            self._dirty.add(byte // PAGE)
+            return 1
         return self._change(first, last, True)
 
     def clear_range(self, offset: int, length: int) -> int:

@@ -153,10 +153,16 @@ class IOPool:
             if job is None:
                 return
             future, func, args = job
+            del job
             try:
-                done.append((future, func(*args), None))
+                result, error = func(*args), None
             except BaseException as exc:  # handed to the awaiting coroutine
-                done.append((future, None, exc))
+                result, error = None, exc
+            # Hold no argument (a write's buffer) past the job: the NBD server reuses
+            # a payload buffer only once nothing else references it.
+            del args
+            done.append((future, result, error))
+            del result, error
             if not self._wake_pending:
                 self._wake_pending = True
                 # (RuntimeError: the loop is closed, nobody is waiting any more)

@@ -11,7 +11,7 @@ all small messages and every await costs a loop iteration:
   so the secondary applies and acknowledges a whole batch without waking
   any task;
 - `send()` queues and everything queued in one loop iteration leaves in
-  one syscall.
+  one syscall (`flush_now()` sends at once when nothing else can join).
 
 A malformed message (wire.ProtocolError) or an exception from the callback
 aborts the connection; `done` then holds that error, otherwise a LinkClosed.
@@ -46,8 +46,15 @@ HANDSHAKE_TIMEOUT = 5.0
 #: TLS handshakes a listener runs at once; more connections are dropped at once
 #: (each costs the ssl module a 256 KiB buffer before anyone is authenticated).
 MAX_HANDSHAKES = 16
-#: Over TLS, sends of at most this many bytes are joined into one record stream.
+#: Over TLS, runs of buffers smaller than a record are joined into pieces of at most
+#: this many bytes before encryption (see _join_small).
 TLS_JOIN = 64 << 10
+#: The largest TLS record's payload.
+TLS_RECORD = 16 << 10
+#: Big receive buffers kept for reuse (see recycle()), in bytes at most: a fresh
+#: 1 MiB bytearray is zero-filled and page-faulted in every time, which was about
+#: a quarter of a secondary's CPU under 1 MiB writes.
+SPARE_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,8 @@ class Link(asyncio.BufferedProtocol):
         self._view = memoryview(self._buf)
         self._r = self._w = 0
         self._big: tuple[wire.T, int, bytearray, memoryview] | None = None
+        self._spare: dict[int, list[bytearray]] = {}    # payload length -> buffers to reuse
+        self._spare_bytes = 0
         self._got = 0
         self._inbox: collections.deque[wire.Message] = collections.deque()
         self._waiter: asyncio.Future | None = None
@@ -146,7 +155,7 @@ class Link(asyncio.BufferedProtocol):
             while w - r >= hsize:
                 t, flags, length = wire.parse_header(unpack(buf, r))
                 if length > BIG:
-                    payload = bytearray(length)
+                    payload = self._payload_buffer(length)
                     have = min(w - r - hsize, length)
                     payload[:have] = view[r + hsize:r + hsize + have]
                     r += hsize + have
@@ -166,6 +175,24 @@ class Link(asyncio.BufferedProtocol):
                 r = w = 0
             self._r, self._w = r, w
         return msgs
+
+    def _payload_buffer(self, length: int) -> bytearray:
+        spare = self._spare.get(length)
+        if spare:
+            self._spare_bytes -= length
+            return spare.pop()
+        return bytearray(length)
+
+    def recycle(self, payload) -> None:
+        """Take back the payload buffer of a big received message for a later one.
+
+        Only for a caller that is done with the message: the next message of that
+        size is received into the same memory. Anything else is ignored.
+        """
+        n = len(payload)
+        if type(payload) is bytearray and n > BIG and self._spare_bytes + n <= SPARE_BYTES:
+            self._spare.setdefault(n, []).append(payload)
+            self._spare_bytes += n
 
     def _deliver(self, msgs: list[wire.Message]) -> None:
         if self.on_messages is not None:
@@ -260,16 +287,20 @@ class Link(asyncio.BufferedProtocol):
             self._out_scheduled = True
             self._loop.call_soon(self._flush)
 
+    def flush_now(self) -> None:
+        """Send what is queued without waiting for the end of the loop pass: for a
+        caller that knows nothing else will join it (a lone write, the acks of a
+        whole receive), so a round trip does not pay an extra loop iteration."""
+        if self._out:
+            self._flush()
+
     def _flush(self) -> None:
         self._out_scheduled = False
         out, self._out = self._out, []
         if out and self.transport is not None and not self.transport.is_closing():
-            if self._tls and len(out) > 1 and sum(map(len, out)) <= TLS_JOIN:
-                # The ssl transport makes a TLS record of each buffer: one for
-                # many small messages is cheaper (a copy of up to 64 KiB).
-                self.transport.write(b"".join(out))
-            else:
-                self.transport.writelines(out)
+            if self._tls and len(out) > 1:
+                out = _join_small(out)
+            self.transport.writelines(out)
 
     async def drain(self) -> None:
         """Wait while the send buffer is over its high-water mark (or until the link ends)."""
@@ -425,6 +456,33 @@ class _Handshake(asyncio.Protocol):
         link.connection_made(transport)
         if self._early and link.transport is not None and not link.transport.is_closing():
             link._feed(bytes(self._early))
+
+
+def _join_small(out: list) -> list:
+    """Join runs of small buffers into pieces of up to TLS_JOIN bytes.
+
+    The ssl transport encrypts each buffer it is given into records of its own:
+    a 26-byte DATA header and its 4 KiB block were two records, and 16 writes
+    coalesced in one loop pass were 32. A copy of up to 64 KiB is cheaper than
+    that; buffers of a full record (TLS_RECORD) or more go as they are.
+    """
+    joined, run, run_len = [], [], 0
+    for buf in out:
+        n = len(buf)
+        if n >= TLS_RECORD:
+            if run:
+                joined.append(b"".join(run) if len(run) > 1 else run[0])
+                run, run_len = [], 0
+            joined.append(buf)
+            continue
+        if run_len + n > TLS_JOIN:
+            joined.append(b"".join(run) if len(run) > 1 else run[0])
+            run, run_len = [], 0
+        run.append(buf)
+        run_len += n
+    if run:
+        joined.append(b"".join(run) if len(run) > 1 else run[0])
+    return joined
 
 
 def _address(transport) -> str:

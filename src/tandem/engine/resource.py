@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import auth, handshake, security, wire
+from .link import BIG as BIG_PAYLOAD
 from .link import Link, connect, listen
 from .metadata import (
     CONSISTENT,
@@ -353,6 +354,9 @@ class Resource:
                         self._pending.append((self._seq, fut, number, offset, length, time.monotonic()))
                         self._inflight_bytes += length
                         self._send(wire.encode_data(number, self._seq, offset, data, fua))
+                        if len(self._pending) == 1:
+                            # A lone write: on the wire before the local write, not after it.
+                            self._link.flush_now()
                         if self._watchdog_handle is None:
                             self._arm_watchdog()
                         fill = self.cfg.tunables.congestion_fill
@@ -885,6 +889,10 @@ class Resource:
             raise PeerGone()
         self._link.send(buffers)
 
+    def _flush_link(self) -> None:
+        if self._link is not None:
+            self._link.flush_now()
+
     async def _drain(self) -> None:
         """Wait while the link's send buffer is over its high-water mark.
 
@@ -1142,8 +1150,11 @@ class Resource:
             else:
                 raise wire.ProtocolError(f"unexpected {t.name} after the handshake")
         if not batch:
+            self._flush_link()                # PING_ACKs
             return
         if not self._apply_backlog and self._apply_now(batch):
+            # The acks of everything this receive brought: nothing else can join them.
+            self._flush_link()
             return
         self._apply_backlog += 1
         self._queued += nbytes
@@ -1277,9 +1288,14 @@ class Resource:
         self._dirty_since_rp = True
         acks = []
         last_seq = 0
+        link = self._link
         for m in msgs:
             vol = vols[m.volume].vol
             vol.bytes_written += m.length
+            if link is not None and m.length > BIG_PAYLOAD:
+                # Written: its receive buffer can take a later message (no copy kept).
+                payload, m.data = m.data.obj, b""
+                link.recycle(payload)
             if m.type == T.DATA:
                 last_seq = m.seq
             else:
