@@ -14,6 +14,7 @@ import tandem
 
 from . import api_admin, api_catalogue, api_ops, dashboard, errors
 from .config import Config
+from .control_plane import ControlPlaneWatch
 from .db import make_pool
 from .limits import BodyLimit
 from .metrics import Metrics
@@ -36,13 +37,18 @@ def create_app(config: Config) -> FastAPI:
         if config.monitor.enabled:        # every instance follows the engines; the primary's writes
             mon = Monitor(pool, config.monitor, Notifier(config.alerts), app.state.metrics)
             task = asyncio.create_task(mon.run(), name="monitor")
+        cp_task = None
+        if config.control_plane.enabled:  # every instance checks; the primary's writes
+            watch = ControlPlaneWatch(pool, config.control_plane, Notifier(config.alerts), app.state.metrics)
+            cp_task = asyncio.create_task(watch.run(), name="control-plane")
         try:
             yield
         finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            for t in (task, cp_task):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
             await pool.close()
 
     # No /docs or /redoc: they load Swagger UI from a CDN the control nodes may not reach.

@@ -25,7 +25,17 @@
     unreachable_after = 30.0              # engine-unreachable alert after this long
     backoff_max = 30.0                    # reconnect backoff cap
     rpo_max_bytes = 0                     # RPO exposure alert above this many bytes (0: off)
-    control_plane = false                 # db-sync-lost from pg_stat_replication (needs pg_monitor)
+
+    [control_plane]                       # control-plane alerts (tandem.center.control_plane)
+    enabled = false                       # witness-down, db-sync-lost, vip-moved
+    node_name = "cp-a"                    # this instance's control node (names the VIP holder)
+    vip = "10.0.0.100"                    # vip-moved: is the VIP on one of this node's interfaces
+    monitor_dsn_file = "/etc/tandem/center-monitor.dsn"  # witness-down: the pg_auto_failover
+                                          # monitor (a read-only user; the file 0600)
+    formation = "default"                 # the pg_auto_failover formation of the trio
+    interval = 5.0                        # seconds between checks
+    timeout = 3.0                         # each probe (the monitor, `ip`) gives up after this
+    witness_down_after = 10.0             # witness-down once it has failed to answer this long
 
     [alerts]                              # sinks (tandem.center.sinks); each optional
     webhook_url = "https://hooks.example/tandem"
@@ -44,12 +54,15 @@ without a password; libpq also reads PGPASSFILE), TANDEM_CENTER_BIND, TANDEM_CEN
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_CONFIG = "/etc/tandem/center.toml"
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class ConfigError(ValueError):
@@ -104,7 +117,39 @@ class MonitorConfig:
     backoff_max: float = 30.0
     connect_timeout: float = 5.0
     rpo_max_bytes: int = 0
-    control_plane: bool = False
+
+
+@dataclass
+class ControlPlaneConfig:
+    enabled: bool = False
+    node_name: str = ""
+    vip: str = ""
+    monitor_dsn_file: str = ""
+    formation: str = "default"
+    interval: float = 5.0
+    timeout: float = 3.0
+    witness_down_after: float = 10.0
+
+    def monitor_conninfo(self) -> str:
+        """The monitor's DSN ("" when none is configured); the file holds its password."""
+        if not self.monitor_dsn_file:
+            return ""
+        return DatabaseConfig(dsn_file=self.monitor_dsn_file).conninfo()
+
+    def validate(self) -> None:
+        if not (0 < self.interval <= 3600 and 0 < self.timeout <= 60 and self.witness_down_after >= 0):
+            raise ConfigError("control_plane.interval, timeout (at most 60) and witness_down_after must be "
+                              "positive")
+        if self.node_name and not _NODE_NAME.fullmatch(self.node_name):
+            raise ConfigError(f"control_plane.node_name {self.node_name!r}: letters, digits, '.', '_', '-' "
+                              "(at most 63)")
+        if self.vip:
+            try:
+                ipaddress.ip_address(self.vip)
+            except ValueError:
+                raise ConfigError(f"control_plane.vip {self.vip!r} is not an IP address") from None
+            if not self.node_name:
+                raise ConfigError("control_plane.vip needs control_plane.node_name (who holds it)")
 
 
 @dataclass
@@ -127,6 +172,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    control_plane: ControlPlaneConfig = field(default_factory=ControlPlaneConfig)
 
     def validate(self) -> Config:
         s = self.server
@@ -145,6 +191,7 @@ class Config:
             raise ConfigError("monitor.enabled needs monitor.client_cert, client_key and engine_ca")
         if not (0 < m.interval <= 3600 and m.backoff_max > 0 and m.connect_timeout > 0):
             raise ConfigError("monitor.interval, backoff_max and connect_timeout must be positive")
+        self.control_plane.validate()
         a = self.alerts
         if a.webhook_url and not a.webhook_url.startswith(("http://", "https://")):
             raise ConfigError("alerts.webhook_url must be an http(s) URL")
@@ -186,14 +233,15 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
-    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts"})
+    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts", "control_plane"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     cfg = Config(database=_section(DatabaseConfig, raw.get("database", {}), "database"),
                  server=_section(ServerConfig, raw.get("server", {}), "server"),
                  api=_section(ApiConfig, raw.get("api", {}), "api"),
                  monitor=_section(MonitorConfig, raw.get("monitor", {}), "monitor"),
-                 alerts=_section(AlertsConfig, raw.get("alerts", {}), "alerts"))
+                 alerts=_section(AlertsConfig, raw.get("alerts", {}), "alerts"),
+                 control_plane=_section(ControlPlaneConfig, raw.get("control_plane", {}), "control_plane"))
     if env.get("TANDEM_CENTER_DSN_FILE"):
         cfg.database.dsn_file = env["TANDEM_CENTER_DSN_FILE"]
     if env.get("TANDEM_CENTER_DSN"):
