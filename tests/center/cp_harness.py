@@ -118,8 +118,8 @@ class AutoctlMonitor:
         raise RuntimeError(f"the monitor did not start: {(self.dir / 'autoctl.log').read_text()}")
 
     def sql(self, query: str) -> str:
-        return run(PG_BIN / "psql", "-h", self.dir, "-p", self.port, "-U", "postgres", "-d", "pg_auto_failover",
-                   "-XAtqc", query).strip()
+        return run(PG_BIN / "psql", "-h", self.dir, "-p", self.port, "-U", "postgres",
+                   "-d", "pg_auto_failover", "-XAtqc", query).strip()
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -170,8 +170,9 @@ class Center:
         sections = {"database": {"dsn_file": str(dsn_file), "pool_max": 4},
                     "server": {"unix_socket": str(self.socket)}, **sections}
         self.config = workdir / "center.toml"
-        self.config.write_text("".join(f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in s.items())
-                                       for name, s in sections.items()))
+        self.config.write_text("".join(
+            f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in s.items())
+            for name, s in sections.items()))
         self.log = workdir / "server.log"
         self.proc: subprocess.Popen | None = None
         self.http = httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)), base_url="http://center",
@@ -183,13 +184,13 @@ class Center:
             env.pop(var, None)
         prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
         with self.log.open("w") as log:
-            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "tandem.center.cli", "-c", str(self.config),
-                                          "serve", "--log-level", "info"], env=env, stdout=log,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "tandem.center.cli",
+                                          "-c", str(self.config), "serve", "--log-level", "info"],
+                                         env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"tandem-center exited with {self.proc.returncode}: {self.log.read_text()}")
+                raise RuntimeError(f"tandem-center exited ({self.proc.returncode}): {self.log.read_text()}")
             with contextlib.suppress(httpx.TransportError):
                 self.http.get("/health")
                 return self

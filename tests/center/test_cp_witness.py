@@ -119,7 +119,8 @@ def test_witness_down_raised_when_the_monitor_dies_and_cleared_when_it_is_back(d
     to_clear = time.monotonic() - t_back
     record("witness_kill_to_alert_s", round(to_alert, 2))
     record("witness_restart_to_clear_s", round(to_clear, 2))
-    record("witness_settings", {"interval_s": 0.5, "timeout_s": 2.0, "witness_down_after_s": WITNESS_DOWN_AFTER})
+    record("witness_settings", {"interval_s": 0.5, "timeout_s": 2.0,
+                                "witness_down_after_s": WITNESS_DOWN_AFTER})
 
     # The monitor's password is in the DSN file only: not in the log, the alerts or the notices.
     assert SECRET not in center.log.read_text()
