@@ -117,6 +117,10 @@ class AutoctlMonitor:
             time.sleep(0.2)
         raise RuntimeError(f"the monitor did not start: {(self.dir / 'autoctl.log').read_text()}")
 
+    def data_node(self, name: str, port: int) -> AutoctlNode:
+        """A data node registered with this monitor (`pg_autoctl create postgres --run`)."""
+        return AutoctlNode(self, name, port).start()
+
     def sql(self, query: str) -> str:
         return run(PG_BIN / "psql", "-h", self.dir, "-p", self.port, "-U", "postgres",
                    "-d", "pg_auto_failover", "-XAtqc", query).strip()
@@ -136,6 +140,42 @@ class AutoctlMonitor:
             except (FileNotFoundError, ValueError, IndexError, ProcessLookupError):
                 return
             time.sleep(0.1)
+
+
+class AutoctlNode:
+    """A pg_auto_failover data node (keeper + PostgreSQL) in the monitor's directory, in its
+    own process group; stop() ends both."""
+
+    def __init__(self, monitor: AutoctlMonitor, name: str, port: int):
+        self.monitor, self.name, self.port = monitor, name, port
+        self.dir = monitor.dir / name
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> AutoctlNode:
+        run("mkdir", "-p", self.dir / "sock")
+        sock = str(self.dir / "sock")          # its PostgreSQL's socket, and where the keeper looks
+        env = {**self.monitor.env, "PG_REGRESS_SOCK_DIR": sock, "PGHOST": sock}
+        uri = f"postgres://autoctl_node@127.0.0.1:{self.monitor.port}/pg_auto_failover?sslmode=disable"
+        with (self.dir.parent / f"{self.name}.log").open("a") as log:
+            self.proc = subprocess.Popen(
+                [*as_postgres(), "env", *(f"{k}={v}" for k, v in env.items()), str(PG_AUTOCTL), "create",
+                 "postgres", "--pgdata", str(self.dir / "data"), "--pgport", str(self.port),
+                 "--hostname", "127.0.0.1", "--name", self.name, "--auth", "trust", "--no-ssl",
+                 "--monitor", uri, "--dbname", "tandem", "--run"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)      # pg_autoctl stops its PostgreSQL
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        run(PG_BIN / "pg_ctl", "-D", self.dir / "data", "-m", "immediate", "-w", "stop", check=False)
 
 
 @contextlib.contextmanager

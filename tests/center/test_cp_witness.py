@@ -152,3 +152,38 @@ def test_a_monitor_user_without_read_access_still_gives_reachability(tmp_path, d
         assert conn.execute("SELECT count(*) FROM alerts WHERE kind = 'witness-down'").fetchone()[0] == 0
 
 
+
+
+def test_db_sync_lost_from_the_monitors_formation_when_pg_monitor_is_missing(tmp_path, db, witness):
+    """A real data node registered with the monitor (`pg_autoctl create postgres`): alone, it
+    reports `single` (no synchronous standby). The center's database user lacks pg_monitor, so
+    the monitor's view decides: db-sync-lost, with the formation in the details."""
+    node = witness.data_node("node1", free_port())
+    try:
+        wait_for(lambda: witness.sql("SELECT reportedstate FROM pgautofailover.node WHERE nodename = 'node1'")
+                 == "single", timeout=90, what="node1 registered as single")
+        with db.connect() as conn:                # a center user without pg_monitor
+            conn.execute("DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tandem_app') "
+                         "THEN CREATE ROLE tandem_app LOGIN; END IF; END$$")
+            conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA public TO tandem_app; "
+                         "GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO tandem_app")
+        dsn_file = tmp_path / "monitor.dsn"
+        dsn_file.write_text(witness.dsn(user=READER) + "\n")
+        dsn_file.chmod(0o600)
+        c = Center(tmp_path / "center", db.dsn.replace("user=postgres", "user=tandem_app"), {
+            "control_plane": {"enabled": True, "node_name": "cp-a", "monitor_dsn_file": str(dsn_file),
+                              "interval": 0.5}})
+        try:
+            c.start()
+            with db.connect(row_factory=psycopg.rows.dict_row) as conn:
+                alert = wait_for(lambda: conn.execute(
+                    "SELECT details FROM alerts WHERE dedup_key = 'cp:db-sync-lost' AND state = 'raised'"
+                ).fetchone(), what="db-sync-lost from the formation")
+            assert alert["details"]["sync_standbys"] is None
+            got = [(n["name"], n["reported"]) for n in alert["details"]["formation"]]
+            assert got == [("node1", "single")]
+            assert cp_state(db)["formation"][0]["name"] == "node1"
+        finally:
+            c.stop()
+    finally:
+        node.stop()

@@ -109,6 +109,8 @@ class ControlPlaneWatch:
                     await self.check()
                 except (psycopg.Error, OSError, PoolTimeout) as e:
                     log.warning("control plane: check failed: %s", e)
+                except Exception:           # never stop checking (and never take the server down)
+                    log.exception("control plane: check failed")
                 await asyncio.sleep(self.cfg.interval)
         finally:
             await self.notifier.close()
@@ -122,8 +124,10 @@ class ControlPlaneWatch:
             return {}
         try:
             async with asyncio.timeout(self.cfg.timeout):
+                # client_encoding: pg_autoctl creates the monitor's database SQL_ASCII, where
+                # psycopg would give text as bytes.
                 conn = await psycopg.AsyncConnection.connect(
-                    self.monitor_dsn, autocommit=True, row_factory=dict_row,
+                    self.monitor_dsn, autocommit=True, row_factory=dict_row, client_encoding="utf8",
                     connect_timeout=max(2, round(self.cfg.timeout)), application_name="tandem-center")
                 async with conn:
                     formation = await self._formation(conn)
@@ -153,7 +157,7 @@ class ControlPlaneWatch:
                             "reachability is checked", e.diag.message_primary or type(e).__name__)
                 self._formation_refused = True
             return None
-        return rows or None        # an unknown formation: nothing to cross-check
+        return [{k: v if isinstance(v, int | None) else str(v) for k, v in r.items()} for r in rows] or None
 
     async def vip_held(self) -> bool | None:
         if self.vip is None:
