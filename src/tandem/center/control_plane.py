@@ -206,9 +206,10 @@ class ControlPlaneWatch:
         row = await (await conn.execute(
             "SELECT *, extract(epoch FROM now())::float8 AS now FROM cp_state FOR UPDATE")).fetchone()
         now = row["now"]
-        vip = str(self.vip) if self.vip else None
+        # Without a VIP configured here, leave the VIP columns to the instances that have one.
+        vip = str(self.vip) if self.vip else row["vip"]
         holder, expected = row["vip_holder"], row["vip_expected"]
-        if vip != row["vip"]:                       # a new VIP (or none): start over
+        if vip != row["vip"]:                       # a new VIP: start over
             holder = expected = None
         if held is True and holder != self.node:
             log.info("control plane: the VIP %s is on this node (%s); it was on %s", vip, self.node, holder)
