@@ -23,8 +23,10 @@ test-unit: engine-deps
 # reflink recovery point tests (an XFS with reflink=1 on a loop device); ping for the
 # tandem_health unit tests; PostgreSQL 15 for the tandem-center tests (a throwaway cluster
 # per session, tests/center/conftest.py); headless Chromium for the dashboard's browser test
-# (tests/center/test_dashboard_browser.py). Unit tests need them too.
-ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping postgresql-15 chromium
+# (tests/center/test_dashboard_browser.py); a pg_auto_failover monitor and `ip` (network
+# namespaces) for the control-plane alert tests (tests/center/test_cp_*.py). Unit tests need them too.
+ENGINE_TEST_PACKAGES := libnbd-bin nbdkit qemu-utils fio xfsprogs iputils-ping postgresql-15 chromium \
+	postgresql-15-auto-failover pg-auto-failover-cli iproute2
 
 help:
 	@echo "make test        lint, ansible-test sanity, then unit + engine + center + lab tests (pytest)"

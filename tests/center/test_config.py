@@ -45,3 +45,20 @@ def test_a_missing_dsn_is_a_clear_error(tmp_path):
     cfg = load(_write(tmp_path, f'[database]\ndsn_file = "{tmp_path}/none"\n'), env={})
     with pytest.raises(ConfigError, match="cannot read the DSN file"):
         cfg.database.conninfo()
+
+
+def test_control_plane_section(tmp_path):
+
+    dsn = tmp_path / "monitor.dsn"
+    dsn.write_text("host=witness dbname=pg_auto_failover user=tandem_center_ro password=x\n")
+    cfg = tmp_path / "center.toml"
+    cfg.write_text(f'[control_plane]\nenabled = true\nnode_name = "cp-a"\nvip = "10.0.0.100"\n'
+                   f'monitor_dsn_file = "{dsn}"\ninterval = 2\n')
+    c = load(str(cfg), env={}).control_plane
+    assert (c.enabled, c.node_name, c.vip, c.interval) == (True, "cp-a", "10.0.0.100", 2.0)
+    assert c.monitor_conninfo().startswith("host=witness")
+    for bad, why in (('vip = "10.0.0.300"\nnode_name = "a"', "not an IP"), ('vip = "10.0.0.1"', "node_name"),
+                     ('node_name = "a b"', "node_name"), ("interval = 0", "positive")):
+        cfg.write_text(f"[control_plane]\n{bad}\n")
+        with pytest.raises(ConfigError, match=why):
+            load(str(cfg), env={})

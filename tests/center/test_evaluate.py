@@ -1,7 +1,14 @@
 """tandem.center.evaluate: modes and alert conditions from engine status documents (the shape
 tandemd's status gives; the live pair is in test_monitor.py)."""
 
-from tandem.center.evaluate import Policy, control_plane_conditions, figures, mode, resource_conditions
+from tandem.center.evaluate import (
+    Policy,
+    control_plane_conditions,
+    control_plane_evaluated,
+    figures,
+    mode,
+    resource_conditions,
+)
 
 NOW = 1_000_000.0
 POLICY = Policy(vm="web1", rp_interval_s=600, sync_timeout_s=30)
@@ -58,3 +65,26 @@ def test_control_plane_seam():
     assert [c[1] for c in got] == ["witness-down", "db-sync-lost", "vip-moved"]
     assert control_plane_conditions({"witness_reachable": True, "sync_standbys": 1,
                                      "vip_holder": "cp-a", "vip_expected": "cp-a"}) == []
+
+
+def test_control_plane_db_sync_from_the_monitor_when_pg_stat_replication_is_unknown():
+    in_sync = [{"name": "cp-a", "reported": "primary", "goal": "primary"},
+               {"name": "cp-b", "reported": "secondary", "goal": "secondary"}]
+    alone = [{"name": "cp-a", "reported": "wait_primary", "goal": "wait_primary"},
+             {"name": "cp-b", "reported": "catchingup", "goal": "secondary"}]
+    assert control_plane_conditions({"formation": in_sync}) == []
+    got = control_plane_conditions({"formation": alone})
+    assert [c[1] for c in got] == ["db-sync-lost"] and got[0][4]["formation"] == alone
+    # pg_stat_replication, when readable, decides; the monitor's view goes in the details
+    assert control_plane_conditions({"sync_standbys": 1, "formation": alone}) == []
+    got = control_plane_conditions({"sync_standbys": 0, "formation": in_sync})
+    assert got[0][4] == {"sync_standbys": 0, "formation": in_sync}
+
+
+def test_control_plane_evaluated_keys():
+    assert control_plane_evaluated({}) == set()
+    assert control_plane_evaluated({"witness_reachable": None, "sync_standbys": None, "formation": None,
+                                    "vip_holder": None, "vip_expected": "cp-a"}) == set()
+    assert control_plane_evaluated({"witness_reachable": True, "formation": [],
+                                    "vip_holder": "cp-b", "vip_expected": "cp-a"}) == {
+        "cp:witness-down", "cp:db-sync-lost", "cp:vip-moved"}

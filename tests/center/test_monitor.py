@@ -109,7 +109,8 @@ def setup(request, tmp_path, db, server_class):
                     f'client_cert = "{client.cert}"\nclient_key = "{client.key}"\nengine_ca = "{engine_ca}"\n'
                     "interval = 0.5\nunreachable_after = 2\nbackoff_max = 1\nconnect_timeout = 2\n"
                     f"rpo_max_bytes = {param.get('rpo_max_bytes', 0)}\n"
-                    f"control_plane = {json.dumps(param.get('control_plane', False))}\n"
+                    f"[control_plane]\nenabled = {json.dumps(param.get('control_plane', False))}\n"
+                    "interval = 0.5\n"
                     f'[alerts]\nwebhook_url = "{receiver.url}"\nwebhook_timeout = 2.0\n')
         if read_only:
             with db.connect() as conn:

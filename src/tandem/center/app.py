@@ -14,6 +14,7 @@ import tandem
 
 from . import api_admin, api_catalogue, api_ops, dashboard, errors
 from .config import Config
+from .control_plane import ControlPlaneWatch
 from .db import make_pool
 from .limits import BodyLimit
 from .metrics import Metrics
@@ -41,6 +42,9 @@ def create_app(config: Config) -> FastAPI:
             sched = Scheduler(config.database.conninfo(), config.schedules, config.monitor,
                               app.state.metrics.registry)
             tasks.append(asyncio.create_task(sched.run(), name="schedules"))
+        if config.control_plane.enabled:  # every instance checks; the primary's writes
+            watch = ControlPlaneWatch(pool, config.control_plane, Notifier(config.alerts), app.state.metrics)
+            tasks.append(asyncio.create_task(watch.run(), name="control-plane"))
         try:
             yield
         finally:

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.types.json import Jsonb
 
@@ -62,6 +63,8 @@ async def audited(conn: AsyncConnection, who: "Principal", action: str, inputs: 
         try:
             await write(conn, who.name, action, entry.target, inputs, False,
                         {"status": status, "error": message})
+        except psycopg.errors.ReadOnlySqlTransaction:      # a standby: the client gets its 503
+            log.info("not recording the refused %s by %s: the database is read-only here", action, who.name)
         except Exception:       # the database itself is failing: the request fails anyway
             log.exception("cannot record the refused %s by %s", action, who.name)
         raise

@@ -25,7 +25,17 @@
     unreachable_after = 30.0              # engine-unreachable alert after this long
     backoff_max = 30.0                    # reconnect backoff cap
     rpo_max_bytes = 0                     # RPO exposure alert above this many bytes (0: off)
-    control_plane = false                 # db-sync-lost from pg_stat_replication (needs pg_monitor)
+
+    [control_plane]                       # control-plane alerts (tandem.center.control_plane)
+    enabled = false                       # witness-down, db-sync-lost, vip-moved
+    node_name = "cp-a"                    # this instance's control node (names the VIP holder)
+    vip = "10.0.0.100"                    # vip-moved: is the VIP on one of this node's interfaces
+    monitor_dsn_file = "/etc/tandem/center-monitor.dsn"  # witness-down: the pg_auto_failover
+                                          # monitor (a read-only user; the file 0600)
+    formation = "default"                 # the pg_auto_failover formation of the trio
+    interval = 5.0                        # seconds between checks
+    timeout = 3.0                         # each probe (the monitor, `ip`) gives up after this
+    witness_down_after = 10.0             # witness-down once it has failed to answer this long
 
     [schedules]                           # periodic RPs (tandem.center.schedules), exactly once
     enabled = true                        # on every instance: the leader acts, the others wait
@@ -53,12 +63,15 @@ without a password; libpq also reads PGPASSFILE), TANDEM_CENTER_BIND, TANDEM_CEN
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DEFAULT_CONFIG = "/etc/tandem/center.toml"
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class ConfigError(ValueError):
@@ -113,7 +126,39 @@ class MonitorConfig:
     backoff_max: float = 30.0
     connect_timeout: float = 5.0
     rpo_max_bytes: int = 0
-    control_plane: bool = False
+
+
+@dataclass
+class ControlPlaneConfig:
+    enabled: bool = False
+    node_name: str = ""
+    vip: str = ""
+    monitor_dsn_file: str = ""
+    formation: str = "default"
+    interval: float = 5.0
+    timeout: float = 3.0
+    witness_down_after: float = 10.0
+
+    def monitor_conninfo(self) -> str:
+        """The monitor's DSN ("" when none is configured); the file holds its password."""
+        if not self.monitor_dsn_file:
+            return ""
+        return DatabaseConfig(dsn_file=self.monitor_dsn_file).conninfo()
+
+    def validate(self) -> None:
+        if not (0 < self.interval <= 3600 and 0 < self.timeout <= 60 and self.witness_down_after >= 0):
+            raise ConfigError("control_plane.interval, timeout (at most 60) and witness_down_after must be "
+                              "positive")
+        if self.node_name and not _NODE_NAME.fullmatch(self.node_name):
+            raise ConfigError(f"control_plane.node_name {self.node_name!r}: letters, digits, '.', '_', '-' "
+                              "(at most 63)")
+        if self.vip:
+            try:
+                ipaddress.ip_address(self.vip)
+            except ValueError:
+                raise ConfigError(f"control_plane.vip {self.vip!r} is not an IP address") from None
+            if not self.node_name:
+                raise ConfigError("control_plane.vip needs control_plane.node_name (who holds it)")
 
 
 @dataclass
@@ -147,6 +192,7 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     schedules: SchedulesConfig = field(default_factory=SchedulesConfig)
+    control_plane: ControlPlaneConfig = field(default_factory=ControlPlaneConfig)
 
     def validate(self) -> Config:
         s = self.server
@@ -173,6 +219,7 @@ class Config:
                 and sc.primary_fresh_s > 0):
             raise ConfigError("schedules.tick (at most 60), request_timeout, connect_timeout, retry_s and "
                               "primary_fresh_s must be positive")
+        self.control_plane.validate()
         a = self.alerts
         if a.webhook_url and not a.webhook_url.startswith(("http://", "https://")):
             raise ConfigError("alerts.webhook_url must be an http(s) URL")
@@ -214,7 +261,8 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
-    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts", "schedules"})
+    unknown = sorted(set(raw) - {"database", "server", "api", "monitor", "alerts", "schedules",
+                                 "control_plane"})
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}")
     cfg = Config(database=_section(DatabaseConfig, raw.get("database", {}), "database"),
@@ -222,7 +270,8 @@ def load(path: str | None = None, env: dict[str, str] | None = None) -> Config:
                  api=_section(ApiConfig, raw.get("api", {}), "api"),
                  monitor=_section(MonitorConfig, raw.get("monitor", {}), "monitor"),
                  alerts=_section(AlertsConfig, raw.get("alerts", {}), "alerts"),
-                 schedules=_section(SchedulesConfig, raw.get("schedules", {}), "schedules"))
+                 schedules=_section(SchedulesConfig, raw.get("schedules", {}), "schedules"),
+                 control_plane=_section(ControlPlaneConfig, raw.get("control_plane", {}), "control_plane"))
     if env.get("TANDEM_CENTER_DSN_FILE"):
         cfg.database.dsn_file = env["TANDEM_CENTER_DSN_FILE"]
     if env.get("TANDEM_CENTER_DSN"):

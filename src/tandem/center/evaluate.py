@@ -95,21 +95,52 @@ def unreachable_condition(hv: str, since: float, now: float, after: float, error
              f"engine on {hv} unreachable for {now - since:.0f}s", {"error": error[:500]})]
 
 
+# pg_auto_failover states in which the primary has a synchronous standby (docs: "primary: a
+# healthy secondary node exists ... synchronous replication is enabled"; wait_primary and single
+# run without one).
+SYNC_PRIMARY_STATES = ("primary",)
+CONTROL_PLANE_KEYS = ("cp:witness-down", "cp:db-sync-lost", "cp:vip-moved")
+
+
+def formation_in_sync(formation: list[dict]) -> bool:
+    """The monitor's view: a node reports `primary` and another one `secondary`."""
+    states = [n.get("reported") for n in formation]
+    return any(s in SYNC_PRIMARY_STATES for s in states) and "secondary" in states
+
+
+def control_plane_evaluated(snapshot: dict) -> set[str]:
+    """The control-plane keys a snapshot can decide (the others keep their open alerts)."""
+    out = set()
+    if snapshot.get("witness_reachable") is not None:
+        out.add("cp:witness-down")
+    if snapshot.get("sync_standbys") is not None or snapshot.get("formation") is not None:
+        out.add("cp:db-sync-lost")
+    if snapshot.get("vip_holder") and snapshot.get("vip_expected"):
+        out.add("cp:vip-moved")
+    return out
+
+
 def control_plane_conditions(snapshot: dict) -> list[tuple]:
     """The control-plane seam: alert conditions from a snapshot of the trio.
 
     snapshot keys (each optional; a missing or None one is not evaluated):
-    - "witness_reachable": bool -- the pg_auto_failover monitor answers;
+    - "witness_reachable": bool -- the pg_auto_failover monitor answers ("witness_error": why not);
     - "sync_standbys": int -- standbys in sync/quorum state (pg_stat_replication on the primary);
+    - "formation": [{"name", "reported", "goal"}] -- the monitor's nodes; decides db-sync-lost
+      only when sync_standbys is unknown, and goes in the alert's details either way;
     - "vip_holder" and "vip_expected": node names -- who holds the VIP now, and who held it
       when it was last acknowledged.
     """
     out = []
     if snapshot.get("witness_reachable") is False:
-        out.append(("cp:witness-down", "witness-down", "critical", "control-plane witness unreachable", {}))
-    if snapshot.get("sync_standbys") == 0:
+        out.append(("cp:witness-down", "witness-down", "critical", "control-plane witness unreachable",
+                    {"error": snapshot.get("witness_error")}))
+    n, formation = snapshot.get("sync_standbys"), snapshot.get("formation")
+    lost = n == 0 if n is not None else (formation is not None and not formation_in_sync(formation))
+    if lost:
         out.append(("cp:db-sync-lost", "db-sync-lost", "critical",
-                    "control-plane database: no synchronous standby", {}))
+                    "control-plane database: no synchronous standby",
+                    {"sync_standbys": n, "formation": formation}))
     holder, expected = snapshot.get("vip_holder"), snapshot.get("vip_expected")
     if holder and expected and holder != expected:
         out.append(("cp:vip-moved", "vip-moved", "warning", f"VIP moved from {expected} to {holder}",

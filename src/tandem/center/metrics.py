@@ -44,6 +44,11 @@ class Metrics:
         self.role = Gauge("tandem_control_plane_role", "1 for this instance's control-plane role: primary "
                           "(its database is the writable primary), standby, or unknown", ("role",),
                           registry=r)
+        # From the control-plane checks (tandem.center.control_plane), when configured:
+        self.witness = Gauge("tandem_control_plane_witness_reachable", "1 if the pg_auto_failover "
+                             "monitor (the witness) answered the last check", registry=r)
+        self.vip_held = Gauge("tandem_control_plane_vip_held", "1 if the control-plane VIP is on one of "
+                              "this instance's interfaces", registry=r)
         # From the catalogue (tandem.center.status), refreshed each monitor interval:
         self.vm_status = Gauge("tandem_vm_status", "1 for the protected VM's dashboard colour "
                                "(green, amber, red)", ("vm", "colour"), registry=r)

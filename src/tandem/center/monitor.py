@@ -39,8 +39,6 @@ from .sinks import Notifier
 
 log = logging.getLogger("tandem.center.monitor")
 
-CONTROL_PLANE_KEYS = {"cp:witness-down": "witness_reachable", "cp:db-sync-lost": "sync_standbys",
-                      "cp:vip-moved": "vip_holder"}
 MAX_LINE = 16 << 20       # a status of many resources; more is a broken or hostile engine
 
 
@@ -107,6 +105,30 @@ class Engine:
             writer.close()
 
 
+@contextlib.asynccontextmanager
+async def database(pool: AsyncConnectionPool, timeout: float, metrics: Metrics, read: bool = False):
+    """A connection if this instance writes (its database is the writable primary), else None;
+    with read=True also a read-only one (as (conn, writable)). Sets the control-plane role on
+    /metrics."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            conn = await stack.enter_async_context(pool.connection(timeout=timeout))
+            # A standby, or a database made read-only (the API's 503 case): read, do not write.
+            row = await (await conn.execute(
+                "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool AS ro"
+            )).fetchone()
+        except (psycopg.OperationalError, PoolTimeout) as e:
+            log.warning("monitor: database unavailable: %s", e)
+            metrics.set_role("unknown")
+            yield (None, False) if read else None
+            return
+        metrics.set_role("standby" if row["ro"] else "primary")
+        if read:
+            yield conn, not row["ro"]
+        else:
+            yield None if row["ro"] else conn
+
+
 class Monitor:
     def __init__(self, pool: AsyncConnectionPool, cfg: MonitorConfig, notifier: Notifier,
                  metrics: Metrics | None = None):
@@ -127,8 +149,6 @@ class Monitor:
                 try:
                     await self._refresh()
                     await self._catalogue_metrics()
-                    if self.cfg.control_plane:
-                        await self.check_control_plane(await self.control_plane_snapshot())
                 except (psycopg.Error, OSError, PoolTimeout) as e:
                     log.warning("monitor: cannot read the catalogue: %s", e)
                     self.metrics.set_role("unknown")
@@ -220,27 +240,8 @@ class Monitor:
 
     # -- database ----------------------------------------------------------------------------
 
-    @contextlib.asynccontextmanager
-    async def _writer(self, read: bool = False):
-        """A connection if this instance writes (its database is the writable primary), else None;
-        with read=True also a read-only one (as (conn, writable))."""
-        async with contextlib.AsyncExitStack() as stack:
-            try:
-                conn = await stack.enter_async_context(self.pool.connection(timeout=self.cfg.connect_timeout))
-                # A standby, or a database made read-only (the API's 503 case): read, do not write.
-                row = await (await conn.execute(
-                    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool AS ro"
-                )).fetchone()
-            except (psycopg.OperationalError, PoolTimeout) as e:
-                log.warning("monitor: database unavailable: %s", e)
-                self.metrics.set_role("unknown")
-                yield (None, False) if read else None
-                return
-            self.metrics.set_role("standby" if row["ro"] else "primary")
-            if read:
-                yield conn, not row["ro"]
-            else:
-                yield None if row["ro"] else conn
+    def _writer(self, read: bool = False):
+        return database(self.pool, self.cfg.connect_timeout, self.metrics, read)
 
     @staticmethod
     async def _guarded(what: str, coro) -> None:
@@ -357,57 +358,25 @@ class Monitor:
 
     @staticmethod
     async def _sync_alerts(conn, prefix: str, desired: list[tuple]) -> list[tuple[str, dict]]:
-        """Keep exactly `desired` open among the alerts whose key starts with prefix."""
-        notices = []
-        keys = set()
-        for key, kind, severity, subject, details in desired:
-            keys.add(key)
-            alert_id, new = await alerts.raise_alert(conn, key, kind, severity, subject, details)
-            if new:
-                notices.append(("raised", {"id": alert_id, "dedup_key": key, "kind": kind,
-                                           "severity": severity, "subject": subject, "details": details}))
-        open_rows = await (await conn.execute(
-            "SELECT id, dedup_key, kind, severity, subject, details FROM alerts "
-            "WHERE state <> 'cleared' AND starts_with(dedup_key, %s)", (prefix,))).fetchall()
-        for row in open_rows:
-            if row["dedup_key"] not in keys:
-                await alerts.clear_alert(conn, row["dedup_key"])
-                notices.append(("cleared", dict(row)))
-        return notices
+        return await sync_alerts(conn, prefix, desired)
 
-    # -- control plane (the seam) ------------------------------------------------------------
 
-    async def control_plane_snapshot(self) -> dict:
-        """What this instance can see of the trio from its database connection: the synchronous
-        standbys of the primary (pg_stat_replication; needs pg_monitor, else not evaluated).
-        Witness reachability and the VIP holder are not gathered yet (None: not evaluated)."""
-        snapshot: dict = {"witness_reachable": None, "vip_holder": None, "vip_expected": None,
-                          "sync_standbys": None}
-        async with self._writer() as conn:
-            if conn is None:
-                return snapshot
-            row = await (await conn.execute(
-                "SELECT pg_has_role(current_user, 'pg_monitor', 'USAGE') AS allowed, "
-                "(SELECT count(*) FROM pg_stat_replication WHERE sync_state IN ('sync', 'quorum')) AS n"
-            )).fetchone()
-            if row["allowed"]:
-                snapshot["sync_standbys"] = row["n"]
-            else:
-                log.warning("monitor: control_plane: the database user lacks pg_monitor; "
-                            "database sync is not checked")
-        return snapshot
-
-    async def check_control_plane(self, snapshot: dict) -> None:
-        """Raise/clear the control-plane alerts of a snapshot (evaluate.control_plane_conditions)."""
-        notices = []
-        async with self._writer() as conn:
-            if conn is None:
-                return
-            async with conn.transaction():
-                conds = evaluate.control_plane_conditions(snapshot)
-                for key, field in CONTROL_PLANE_KEYS.items():     # only what the snapshot has
-                    if snapshot.get(field) is not None:
-                        notices += await self._sync_alerts(conn, key, [c for c in conds if c[0] == key])
-        for event, alert in notices:
-            self.notifier.notify(event, alert)
-
+async def sync_alerts(conn, prefix: str, desired: list[tuple]) -> list[tuple[str, dict]]:
+    """Keep exactly `desired` open among the alerts whose key starts with prefix; the notices
+    to send ("raised" | "cleared", alert)."""
+    notices = []
+    keys = set()
+    for key, kind, severity, subject, details in desired:
+        keys.add(key)
+        alert_id, new = await alerts.raise_alert(conn, key, kind, severity, subject, details)
+        if new:
+            notices.append(("raised", {"id": alert_id, "dedup_key": key, "kind": kind,
+                                       "severity": severity, "subject": subject, "details": details}))
+    open_rows = await (await conn.execute(
+        "SELECT id, dedup_key, kind, severity, subject, details FROM alerts "
+        "WHERE state <> 'cleared' AND starts_with(dedup_key, %s)", (prefix,))).fetchall()
+    for row in open_rows:
+        if row["dedup_key"] not in keys:
+            await alerts.clear_alert(conn, row["dedup_key"])
+            notices.append(("cleared", dict(row)))
+    return notices
