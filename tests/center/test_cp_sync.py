@@ -19,12 +19,15 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 # pytest puts tests/center on sys.path
-from conftest import Cluster, make_db  # noqa: E402
 from cp_harness import PG_BIN, Center, PgNode, cleanup_dir, run, scratch  # noqa: E402
 from test_cp_witness import metrics, record  # noqa: E402
 from test_monitor import Receiver, sample, wait_for  # noqa: E402
 
 from tandem.center import migrate as mig  # noqa: E402
+
+# By its package path: a bare `conftest` is whichever test directory's conftest was imported
+# first (tests/unit's when the whole suite runs).
+from tests.center.conftest import Cluster, make_db  # noqa: E402
 
 STANDBY = "standby1"
 SYNC_NAMES = f"'ANY 1 ({STANDBY})'"
