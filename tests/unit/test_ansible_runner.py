@@ -131,7 +131,8 @@ def test_protect_job_keeps_secrets_out_of_events_and_artifacts(private_data_dir)
     (private_data_dir / "project" / "protect.yml").write_text(
         "---\n- name: Tandem DR | protect\n  ansible.builtin.import_playbook: tandem.dr.protect\n"
         "  vars:\n    tandem_protection_group_file: protection_group.yml\n"
-        "    tandem_network_mapping_file: network_mapping.yml\n    tandem_recovery_plan_file: recovery_plan.yml\n",
+        "    tandem_network_mapping_file: network_mapping.yml\n"
+        "    tandem_recovery_plan_file: recovery_plan.yml\n",
         encoding="utf-8",
     )
     inventory_file = private_data_dir / "inventory" / "hosts.yml"
