@@ -15,4 +15,5 @@ if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
 # A live tandem-center (tests/unit/center_live.py) for the tandem_center_* module and run_plan tests.
-from center_live import center, pg, template_db  # noqa: E402,F401  (fixtures)
+# (fixtures, found by name)
+from center_live import center, pg, template_db  # noqa: E402,F401  # pylint: disable=unused-import
