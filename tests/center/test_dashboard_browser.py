@@ -131,6 +131,11 @@ def shown_when(browser: Browser, url: str, ok, what: str, timeout: float = 30) -
     return wait_for(check, timeout=timeout, what=what)
 
 
+
+def gauge(url: str, name: str, **labels) -> float | None:
+    """One sample of /metrics, None while it is not there (the gauges are rebuilt each interval)."""
+    return scrape(url).get((name, tuple(sorted(labels.items()))))
+
 def test_dashboard_in_chromium_through_a_partition(world):
     pair, server, receiver, browser = world
     key = "engine:a:vm1:degraded"
@@ -141,8 +146,10 @@ def test_dashboard_in_chromium_through_a_partition(world):
                                    what="web1 green in the browser")
     assert "vm1 in sync, Primary on a, peer b connected" in row
     assert "Signed in as test-reader" in html
+    # /metrics recomputes VM status and plan readiness once per monitor interval: it may lag the page.
+    wait_for(lambda: gauge(server.url, "tandem_vm_status", vm="web1", colour="green") == 1,
+             timeout=30, what="web1 green on /metrics")
     m = scrape(server.url)
-    assert sample(m, "tandem_vm_status", vm="web1", colour="green") == 1
     assert sample(m, "tandem_plan_ready", plan="plan-web") == 1
     assert sample(m, "tandem_last_drill_result", plan="plan-web", result="succeeded") == 1
     assert sample(m, "tandem_last_drill_result", plan="plan-web", result="failed") == 0
@@ -179,8 +186,9 @@ def test_dashboard_in_chromium_through_a_partition(world):
     assert "disconnected" in html.split("<h2>Recent engine events</h2>")[1]
     browser.screenshot(OUTPUT / "dashboard-degraded.png")
     assert (OUTPUT / "dashboard-degraded.png").stat().st_size > 10_000
+    wait_for(lambda: gauge(server.url, "tandem_vm_status", vm="web1", colour="red") == 1,
+             timeout=30, what="web1 red on /metrics")
     m = scrape(server.url)
-    assert sample(m, "tandem_vm_status", vm="web1", colour="red") == 1
     assert sample(m, "tandem_plan_ready", plan="plan-web") == 0
     assert sample(m, "tandem_plan_vms_not_ready", plan="plan-web") == 1
     assert sample(m, "tandem_rpo_exposure_bytes", **labels) == 10 * 4096
@@ -191,8 +199,7 @@ def test_dashboard_in_chromium_through_a_partition(world):
     html, colour, row = shown_when(browser, server.url, lambda h, c, r: c == "green", timeout=60,
                                    what="web1 green again")
     assert "vm1 in sync" in row
-    # /metrics recomputes plan readiness once per monitor interval: it may lag the page.
-    wait_for(lambda: sample(scrape(server.url), "tandem_plan_ready", plan="plan-web") == 1, timeout=30,
+    wait_for(lambda: gauge(server.url, "tandem_plan_ready", plan="plan-web") == 1, timeout=30,
              what="plan ready again on /metrics")
     notice = next(n for n in receiver.notices if n["event"] == "raised")
     assert notice["alert"]["kind"] == "degraded" and "web1" in notice["alert"]["subject"]
