@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 from test_control_plane_faults import (
     DATA,
     SECRETS,
@@ -110,7 +111,8 @@ def test_files_and_service_on_the_nodes(center):
         dsn = center.attach(host, "stat", "-c", "%a %U", "/etc/tandem/center.dsn").stdout.split()
         assert dsn == ["600", "tandem-center"], (host, dsn)
         text = center.attach(host, "cat", "/etc/tandem/center.dsn").stdout
-        assert "target_session_attrs=read-write" in text and "10.202.40.11,10.202.40.12" in text
+        dsn = conninfo_to_dict(text.strip())
+        assert dsn["target_session_attrs"] == "read-write" and dsn["host"] == "10.202.40.11,10.202.40.12", dsn
         unit = center.attach(host, "systemctl", "show", "-p", "User,ActiveState",
                              "tandem-center.service").stdout
         assert "User=tandem-center" in unit and "ActiveState=active" in unit, unit
