@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.center.conftest import stop_process  # by package path, not the bare `conftest`
+
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_AUTOCTL = Path("/usr/bin/pg_autoctl")      # pg-auto-failover-cli
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -238,13 +240,7 @@ class Center:
         raise RuntimeError(f"tandem-center did not answer: {self.log.read_text()}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.http.close()
 
 
