@@ -105,3 +105,51 @@ class Center:
             if len(page) < PAGE:
                 return items
             after = page[-1]["id"]
+
+
+def find_named(center, path, name):
+    """The catalogue item called `name` at list endpoint `path`, or None."""
+    return next((i for i in center.list_all(path) if i["name"] == name), None)
+
+
+def id_of(center, path, kind, name):
+    """The id of the catalogue's `kind` called `name`; ValueError when there is none."""
+    item = find_named(center, path, name)
+    if item is None:
+        raise ValueError(f"the catalogue has no {kind} {name!r}")
+    return item["id"]
+
+
+def ensure_named(module, path, kind, want_fn):
+    """Make the catalogue item called module.params['name'] at `path` match `want_fn(center)`
+    (the fields to PUT/POST, name included) or, with state=absent, remove it. Read, plan, stop in
+    check mode, apply, read again; exits the module with changed, actions, diff and `kind`."""
+    p = module.params
+    center = Center(module)
+    try:
+        have = find_named(center, path, p["name"])
+        want = want_fn(center) if p["state"] == "present" else None
+    except CenterError as e:
+        module.fail_json(msg=e.message, **e.details())
+    except ValueError as e:
+        module.fail_json(msg=str(e))
+    if want is None:
+        steps = [(f"delete {kind} {p['name']}", "DELETE", f"{path}/{have['id']}", None)] if have else []
+    elif have is None:
+        steps = [(f"create {kind} {p['name']}", "POST", path, want)]
+    elif any(have.get(k) != v for k, v in want.items()):
+        steps = [(f"update {kind} {p['name']}", "PUT", f"{path}/{have['id']}", want)]
+    else:
+        steps = []
+    before = {k: have[k] for k in (want or have)} if have else {}
+    result = {"changed": bool(steps), "actions": [s[0] for s in steps], kind: have,
+              "diff": {"before": before, "after": (want or {}) if steps else before}}
+    if module.check_mode or not steps:
+        module.exit_json(**result)
+    try:
+        for _label, method, step_path, body in steps:
+            center.call(method, step_path, body=body)
+        result[kind] = find_named(center, path, p["name"])
+    except CenterError as e:
+        module.fail_json(msg=e.message, **e.details(), actions=result["actions"])
+    module.exit_json(**result)

@@ -142,6 +142,43 @@ def test_vm_registers_a_protected_vm_idempotently(center, catalogue, monkeypatch
     assert not run(monkeypatch, "tandem_center_vm", {**vm, "state": "absent"})["changed"]
 
 
+def test_site_hypervisor_and_policy_enrol_idempotently(center, monkeypatch):
+    """What the enrolment playbook does: a site, its hypervisor with the engine's URL, a policy;
+    check mode changes nothing, a second run changes nothing, a change is one audited PUT."""
+    admin = conn(center, "admin")
+    site = {**admin, "name": "site-e", "description": "enrol test"}
+    hv = {**admin, "name": "hv-e1", "site": "site-e", "address": "10.0.9.11",
+          "engine_url": "tls://10.0.9.11:7789"}
+    policy = {**admin, "name": "enrol-gold", "rp_interval": 300, "rp_retention": 12, "sync_timeout": 60}
+    assert "no site 'site-e'" in run(monkeypatch, "tandem_center_hypervisor", hv, fail=True)["msg"]
+    audit = len(center.db.audit_rows())
+    check = run(monkeypatch, "tandem_center_site", site, check=True, diff=True)
+    assert check["actions"] == ["create site site-e"]
+    assert check["diff"]["after"]["description"] == "enrol test"
+    assert len(center.db.audit_rows()) == audit and center.count("sites WHERE name = 'site-e'") == 0
+    for module, params, kind in (("tandem_center_site", site, "site"),
+                                 ("tandem_center_hypervisor", hv, "hypervisor"),
+                                 ("tandem_center_policy", policy, "policy")):
+        made = run(monkeypatch, module, params)
+        assert made["changed"] and made[kind]["name"] == params["name"], made
+        assert not run(monkeypatch, module, params)["changed"]                          # idempotent
+    assert len(center.db.audit_rows()) == audit + 3
+    moved = run(monkeypatch, "tandem_center_hypervisor", {**hv, "engine_url": ""}, diff=True)
+    assert moved["actions"] == ["update hypervisor hv-e1"] and moved["hypervisor"]["engine_url"] is None
+    assert moved["diff"]["before"]["engine_url"] == "tls://10.0.9.11:7789"
+    tighter = run(monkeypatch, "tandem_center_policy", {**policy, "rp_interval": 60})
+    assert tighter["policy"]["rp_interval_s"] == 60 and tighter["policy"]["rp_retention"] == 12
+    assert run(monkeypatch, "tandem_center_policy", {**policy, "token": center.tokens["operator"]},
+               fail=True)["status"] == 403
+    bad = run(monkeypatch, "tandem_center_policy", {**policy, "rp_interval": 0}, fail=True)
+    assert bad["status"] == 422 and "rp_interval_s" in bad["msg"]
+    for module, params in (("tandem_center_hypervisor", hv), ("tandem_center_site", site),
+                           ("tandem_center_policy", policy)):
+        assert run(monkeypatch, module, {**params, "state": "absent"})["changed"]
+        assert not run(monkeypatch, module, {**params, "state": "absent"})["changed"]
+    assert center.count("sites WHERE name = 'site-e'") == 0
+
+
 # -- recording runs -----------------------------------------------------------------------------
 
 STEP = {"key": "start-db01", "name": "started db01", "status": "changed",
