@@ -46,6 +46,13 @@ def vm_nbd_disks(vm, socket_dir="/run/tandem", exports=None):
     return [{"target": TARGETS[i], "socket": socket, "export": e} for i, e in enumerate(names)]
 
 
+def vm_center_volumes(vm):
+    """tandem_center_vm's `volumes`: the VM's tandemd resource (its name), volume by volume,
+    with the guest target vm_nbd_disks gives it and its size in bytes."""
+    return [{"resource": vm["name"], "volume": i, "target_dev": TARGETS[i], "size_bytes": int(v["size"])}
+            for i, v in enumerate(vm["volumes"])]
+
+
 def vm_domain(vm, site_nics, vm_dir="/var/lib/tandem-vms", socket_dir="/run/tandem", name=None,
               exports=None):
     """The input of the role's libvirt-domain.xml.j2 for a VM that Tandem DR defines (it has a
@@ -154,7 +161,8 @@ def vm_run_specs(vms, network_plan, recovery_plan, to, name_suffix="", exports=N
 
 class FilterModule:
     def filters(self):
-        return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks, "vm_domain": vm_domain,
+        return {"vm_interfaces": vm_interfaces, "vm_nbd_disks": vm_nbd_disks,
+                "vm_center_volumes": vm_center_volumes, "vm_domain": vm_domain,
                 "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs,
                 "vm_drill_nics": vm_drill_nics, "vm_drill_exports": vm_drill_exports,
                 "vm_drill_probe_addresses": vm_drill_probe_addresses}

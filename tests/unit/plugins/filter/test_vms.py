@@ -71,6 +71,14 @@ def test_nbd_disks_and_interfaces_for_tandem_vm(vm_and_sides):
     assert vms.vm_interfaces(dr) == [{"bridge": "tdr-guest", "vlan": 20, "mac": "52:54:00:0a:00:11"}]
 
 
+def test_center_volumes_match_the_guest_disks(vm_and_sides):
+    vm, _production, _dr = vm_and_sides
+    volumes = vms.vm_center_volumes(vm)
+    assert volumes == [{"resource": "app01", "volume": 0, "target_dev": "vda", "size_bytes": 64 << 20},
+                       {"resource": "app01", "volume": 1, "target_dev": "vdb", "size_bytes": 64 << 20}]
+    assert [v["target_dev"] for v in volumes] == [d["target"] for d in vms.vm_nbd_disks(vm)]
+
+
 def test_a_vm_without_domain_or_a_bad_side_is_a_clear_error(vm_and_sides):
     vm, production, _dr = vm_and_sides
     with pytest.raises(AnsibleFilterError, match="no 'domain' in the protection group"):
