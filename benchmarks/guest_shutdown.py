@@ -20,70 +20,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "lab"), str(REPO / "tests" / "lab")]
 
-import guestlib  # noqa: E402
+from guestlib import acpi_shutdown_run  # noqa: E402
 from tandem_lab import guest  # noqa: E402
-from tandem_lab.guest_qemu import Guest  # noqa: E402
 from tandem_lab.paths import Paths  # noqa: E402
 
 OUTPUT = REPO / "tests" / "output" / "guest_acpi_shutdown.json"
-CMDLINE = "console=ttyS0 quiet panic=-1 tdr.interval=0.5"
-APP_READY = "tdr-app: last durable record"
-
-
-def uptimes(console: str) -> dict[str, float]:
-    """The guest's uptime at each of its console steps ("TDRGUEST: <step> (uptime X)")."""
-    return {m[1]: float(m[2]) for m in re.finditer(r"TDRGUEST: (.*?) \(uptime ([0-9.]+)\)", console)}
-
-
-def one_run(image: Path, workdir: Path, records_before: int, timeout: float) -> dict:
-    disk = workdir / "disk.raw"
-    with open(disk, "wb") as f:
-        f.truncate(16 << 20)
-    vm = Guest(image, disk, workdir, cmdline=CMDLINE)
-    vm.start()
-    try:
-        ready = vm.wait_console(APP_READY, 300)
-        deadline = time.monotonic() + 120
-        while len(guestlib.records(disk.read_bytes())) < records_before:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"fewer than {records_before} records after 120 s")
-            time.sleep(0.2)
-        acknowledged = len(guestlib.records(disk.read_bytes()))
-        t0 = time.monotonic()
-        vm.power_button()
-        rc = vm.wait_exit(timeout)
-        shutdown_s = time.monotonic() - t0
-    finally:
-        vm.kill()
-    console = vm.console_text()
-    held = guestlib.records(disk.read_bytes())
-    stopped = [line for line in console.splitlines() if "tdr-app: stopped, last durable record" in line]
-    last_reported = int(stopped[-1].rsplit(" ", 1)[1]) if stopped else None
-    run = {"boot_to_app_s": round(ready, 2), "exited": rc is not None, "qemu_rc": rc,
-           "powerdown_to_exit_s": round(shutdown_s, 2) if rc is not None else None,
-           "records_seen_before_button": acknowledged, "app_last_durable": last_reported,
-           "records_on_disk": len(held), "guest_uptime_at": uptimes(console)}
-    run["ok"] = (rc == 0 and last_reported is not None and len(held) == last_reported
-                 and len(held) >= acknowledged)
-    return run
 
 
 def series(image: Path, runs: int, records_before: int, timeout: float) -> list[dict]:
     out = []
     for i in range(runs):
         with tempfile.TemporaryDirectory(prefix="tandem-guest-acpi.") as tmp:
-            run = one_run(image, Path(tmp), records_before, timeout)
-        brief = {k: v for k, v in run.items() if k != "guest_uptime_at"}
+            run = acpi_shutdown_run(image, Path(tmp), records_before, timeout)
+        run["console"] = run["console"].splitlines()[-8:]
+        brief = {k: v for k, v in run.items() if k not in ("guest_uptime_at", "console")}
         print(f"{image.name} run {i + 1}: {json.dumps(brief)}", file=sys.stderr, flush=True)
         out.append(run)
     return out
