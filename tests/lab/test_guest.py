@@ -49,7 +49,7 @@ ACPI_VM = "acpi01"
 ACPI_IP = "192.168.10.20"
 ACPI_MAC = "52:54:00:0a:00:14"
 ACPI_FIGURES = REPO / "tests" / "output" / "guest_acpi_shutdown_lab.json"
-SHUTDOWN_TIMEOUT = 120             # TCG on a shared 2-core machine; the host-QEMU figure is ~1 s
+SHUTDOWN_TIMEOUT = 120             # TCG on a shared 2-core machine; on the host's QEMU it is < 1 s
 
 
 @pytest.fixture(scope="module")
