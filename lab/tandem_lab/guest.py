@@ -32,10 +32,12 @@ from .system import run, step
 
 GUEST_DIR = REPO / "lab" / "guest"
 ROOTFS = GUEST_DIR / "rootfs"
-# What the guest needs from the kernel: virtio PCI, the disk, the NIC, and the file
-# systems a NoCloud config drive can carry (vfat from qemu-img, or iso9660).
+# What the guest needs from the kernel: virtio PCI, the disk, the NIC, the file systems a
+# NoCloud config drive can carry (vfat from qemu-img, or iso9660), and the ACPI power button
+# as an input device (button, evdev: modules in Debian's kernel), which busybox acpid reads to
+# shut down cleanly on `virsh shutdown`.
 MODULES = ("virtio_pci", "virtio_blk", "virtio_net", "vfat", "nls_cp437", "nls_utf8", "nls_ascii",
-           "isofs")
+           "isofs", "button", "evdev")
 HOST_PACKAGES = ("linux-image-amd64", "busybox-static", "cpio")
 BUSYBOX = Path("/bin/busybox")
 EPOCH = 0          # every file in the initramfs gets this mtime

@@ -20,6 +20,9 @@ description:
     and on the disks and interfaces it manages, never on libvirt's own additions.
   - Redefining a running domain changes its next boot only; changing its disks needs a
     shutdown, which the module does only with O(restart=true).
+  - Stopping a running domain is always graceful first - an ACPI shutdown (the guest flushes
+    and powers off), waiting up to O(shutdown_timeout) seconds - and only then a power off
+    (C(virsh destroy)). RV(stopped_by) says which one stopped it.
 extends_documentation_fragment:
   - tandem.dr._attributes
   - tandem.dr._libvirt
@@ -40,7 +43,8 @@ options:
       - V(defined) - defined, whatever its run state.
       - V(running) - defined and running (started if needed).
       - V(shutoff) - defined and not running (ACPI shutdown, then O(force_off)).
-      - V(absent) - not defined; a running domain is stopped first.
+      - V(absent) - not defined; a running domain is stopped first (ACPI shutdown, then a power
+        off after O(shutdown_timeout) whatever O(force_off) says).
     type: str
     default: defined
     choices: [defined, running, shutoff, absent]
@@ -99,7 +103,7 @@ options:
     type: bool
     default: false
   shutdown_timeout:
-    description: Seconds to wait for an ACPI shutdown.
+    description: Seconds to wait for an ACPI shutdown before giving up (or powering off).
     type: int
     default: 120
   force_off:
@@ -161,6 +165,18 @@ actions:
   type: list
   elements: str
   sample: [define, start]
+stopped_by:
+  description:
+    - How a running domain was stopped - V(shutdown) (the guest shut down on the ACPI request)
+      or V(destroy) (it did not within O(shutdown_timeout) and was powered off).
+  returned: when the module stopped a running domain, not in check mode
+  type: str
+  sample: shutdown
+shutdown_seconds:
+  description: Seconds from the ACPI shutdown request until the domain was off (by either way).
+  returned: when the module stopped a running domain, not in check mode
+  type: float
+  sample: 2.4
 """
 
 import time
@@ -210,22 +226,37 @@ def desired_definition(p, current_root):
     return dx.summary(root) != dx.summary(current_root), root
 
 
-def shutdown(module, dom, result):
+def shutdown(module, dom, result, force_off=None):
+    """Stop a running domain: ACPI shutdown, and a power off only if the guest has not shut
+    down within shutdown_timeout (and force_off). Records which one stopped it."""
+    p = module.params
+    force_off = p["force_off"] if force_off is None else force_off
     result["actions"].append("shutdown")
     if module.check_mode:
         return
-    dom.shutdown()
-    deadline = time.monotonic() + module.params["shutdown_timeout"]
-    while time.monotonic() < deadline:
+    started = time.monotonic()
+    try:
+        dom.shutdown()
+    except libvirt.libvirtError as e:
+        # Already off (it stopped on its own since we looked) is what we want.
+        if e.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID or state_name(dom) != "shutoff":
+            raise
+    deadline = started + p["shutdown_timeout"]
+    while True:
         if state_name(dom) == "shutoff":
+            result.update(stopped_by="shutdown", shutdown_seconds=round(time.monotonic() - started, 1))
             return
-        time.sleep(1)
-    if not module.params["force_off"]:
-        module.fail_json(msg=f"domain {module.params['name']} did not shut down within "
-                             f"{module.params['shutdown_timeout']} s (set force_off to power it off)",
-                         **result)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.5)
+    if not force_off:
+        module.fail_json(msg=f"domain {p['name']} did not shut down within {p['shutdown_timeout']} s "
+                             "(set force_off to power it off)", **result)
+    module.warn(f"domain {p['name']} did not shut down within {p['shutdown_timeout']} s of the ACPI "
+                "request: powered off (virsh destroy)")
     result["actions"].append("destroy")
     dom.destroy()
+    result.update(stopped_by="destroy", shutdown_seconds=round(time.monotonic() - started, 1))
 
 
 def run(module, conn, result):
@@ -240,9 +271,7 @@ def run(module, conn, result):
         after = {"state": "absent"}
         if dom is not None:
             if state != "shutoff":
-                result["actions"].append("destroy")
-                if not module.check_mode:
-                    dom.destroy()
+                shutdown(module, dom, result, force_off=True)
             result["actions"].append("undefine")
             if not module.check_mode:
                 dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM

@@ -1,14 +1,17 @@
 """The lab guest (docs/lab-guest.md) from a test: build and copy its image, write its
 NoCloud seed and libvirt domain from the templates in roles/vm/templates, ask its HTTP API,
-and parse the records its app writes to its disk.
+and parse the records its app writes to its disk. And, without the lab, its clean shutdown
+under plain QEMU on this machine (acpi_shutdown_run).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shlex
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +126,50 @@ def read_volume(lab, host: str, path: str, blocks: int) -> bytes:
          "head", "-c", str(blocks * RECORD), path], capture_output=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+APP_READY = "tdr-app: last durable record"
+
+
+def uptimes(console: str) -> dict[str, float]:
+    """The guest's uptime at each of its console steps ("TDRGUEST: <step> (uptime X)")."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"TDRGUEST: (.*?) \(uptime ([0-9.]+)\)", console)}
+
+
+def acpi_shutdown_run(image: Path, workdir: Path, records_before: int = 5, timeout: float = 60) -> dict:
+    """Boot the guest image (a guest.build() directory) under plain QEMU TCG on a fresh 16 MiB
+    raw disk file, wait for `records_before` records on it, press the ACPI power button (QMP
+    system_powerdown, what `virsh shutdown` sends) and give QEMU `timeout` s to exit; then
+    read the disk. `ok`: QEMU exited by itself with status 0, and the last record on the disk
+    is the one the app reported last on its way out, at least the last one seen before."""
+    from tandem_lab.guest_qemu import CMDLINE, Guest, GuestQemuError  # noqa: PLC0415 - lab/ on the path
+
+    disk = workdir / "disk.raw"
+    with open(disk, "wb") as f:
+        f.truncate(16 << 20)
+    vm = Guest(image, disk, workdir, cmdline=CMDLINE + " tdr.interval=0.5")
+    vm.start()
+    try:
+        ready = vm.wait_console(APP_READY, 300)
+        deadline = time.monotonic() + 120
+        while len(records(disk.read_bytes())) < records_before:
+            if time.monotonic() > deadline:
+                raise GuestQemuError(f"fewer than {records_before} records after 120 s:\n"
+                                     f"{vm.console_text()[-3000:]}")
+            time.sleep(0.2)
+        seen = len(records(disk.read_bytes()))
+        t0 = time.monotonic()
+        vm.power_button()
+        rc = vm.wait_exit(timeout)
+        shutdown_s = time.monotonic() - t0
+    finally:
+        vm.kill()
+    console = vm.console_text()
+    held = records(disk.read_bytes())
+    stopped = re.findall(r"tdr-app: stopped, last durable record (\d+)", console)
+    last = int(stopped[-1]) if stopped else None
+    return {"boot_to_app_s": round(ready, 2), "exited": rc is not None, "qemu_rc": rc,
+            "powerdown_to_exit_s": round(shutdown_s, 2) if rc is not None else None,
+            "records_seen_before_button": seen, "app_last_durable": last, "records_on_disk": len(held),
+            "guest_uptime_at": uptimes(console), "console": console,
+            "ok": rc == 0 and last is not None and len(held) == last and last >= seen}

@@ -139,9 +139,38 @@ def test_run_states(name):
     r = vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running")
     assert r["actions"] == ["start"] and r["domain"]["state"] == "running"
     assert vm(name=name, state="running")["changed"] is False
+    r = vm(name=name, state="shutoff", check=True)
+    assert r["actions"] == ["shutdown"] and "stopped_by" not in r
+    assert lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
     r = vm(name=name, state="shutoff")
     assert r["actions"] == ["shutdown"] and r["domain"]["state"] == "shutoff"
-    assert vm(name=name, state="shutoff")["changed"] is False
+    # The test driver's guest obeys the ACPI request at once: no power off was needed.
+    assert r["stopped_by"] == "shutdown" and 0 <= r["shutdown_seconds"] < 5
+    again = vm(name=name, state="shutoff")
+    assert again["changed"] is False and "stopped_by" not in again
+
+
+@pytest.fixture
+def deaf_guest(monkeypatch):
+    """A guest that ignores the ACPI shutdown request (as the lab guest did before it ran
+    acpid): libvirt accepts the request and the domain keeps running. The test driver's
+    guests always obey, so its virDomain.shutdown is what this replaces."""
+    monkeypatch.setattr(libvirt.virDomain, "shutdown", lambda self: 0)
+
+
+def test_a_guest_that_ignores_acpi_is_powered_off_after_the_timeout_only_with_force_off(name, deaf_guest):
+    vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running")
+    r = vm(name=name, state="shutoff", shutdown_timeout=1, expect_fail=True)
+    assert "did not shut down within 1 s (set force_off" in r["msg"] and r["actions"] == ["shutdown"]
+    assert lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
+    r = vm(name=name, state="shutoff", shutdown_timeout=1, force_off=True)
+    assert r["actions"] == ["shutdown", "destroy"] and r["stopped_by"] == "destroy"
+    assert 1 <= r["shutdown_seconds"] < 5 and lv_state(name) == libvirt.VIR_DOMAIN_SHUTOFF
+    # absent powers it off after the timeout whatever force_off says.
+    vm(name=name, state="running")
+    r = vm(name=name, state="absent", shutdown_timeout=1)
+    assert r["actions"] == ["shutdown", "destroy", "undefine"] and r["stopped_by"] == "destroy"
+    assert lv_state(name) is None
 
 
 def test_converting_a_running_vm_needs_restart_and_then_shuts_down_once(name):
@@ -154,7 +183,7 @@ def test_converting_a_running_vm_needs_restart_and_then_shuts_down_once(name):
     assert "is running and its disks would change" in refused["msg"]
     assert lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
     r = vm(name=name, nbd_disks=nbd(name), state="running", restart=True)
-    assert r["actions"] == ["shutdown", "define", "start"]
+    assert r["actions"] == ["shutdown", "define", "start"] and r["stopped_by"] == "shutdown"
     assert r["domain"]["disks"][0]["type"] == "network" and r["domain"]["state"] == "running"
     assert r["diff"]["before"]["disks"][0]["path"] == "/var/lib/libvirt/images/legacy.img"
     assert vm(name=name, nbd_disks=nbd(name), state="running", restart=True)["changed"] is False
@@ -179,9 +208,10 @@ def test_interfaces_are_mapped_by_mac_with_a_vlan(name):
 def test_absent_stops_and_undefines_and_check_mode_keeps_it(name):
     vm(name=name, definition=definition(), nbd_disks=nbd(name), state="running")
     r = vm(name=name, state="absent", check=True)
-    assert r["actions"] == ["destroy", "undefine"] and lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
+    assert r["actions"] == ["shutdown", "undefine"] and lv_state(name) == libvirt.VIR_DOMAIN_RUNNING
     r = vm(name=name, state="absent")
-    assert r["actions"] == ["destroy", "undefine"] and lv_state(name) is None
+    assert r["actions"] == ["shutdown", "undefine"] and lv_state(name) is None
+    assert r["stopped_by"] == "shutdown"
     assert vm(name=name, state="absent")["changed"] is False
 
 
