@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("partition", help="cut all traffic between two sites")
     f.add_argument("site_a"), f.add_argument("site_b")
+    f.add_argument("--replication", action="store_true",
+                   help="only the replication networks (the hypervisors' data link)")
     f = sub.add_parser("heal", help="remove network faults: all, a site pair's, or a host's isolation")
     f.add_argument("target", nargs="*", metavar="SITE|HOST")
     f = sub.add_parser("isolate", help="cut one host off the network")
@@ -80,7 +82,7 @@ def _dispatch(args, topo, paths) -> int:
         else:
             _print_status(st)
     elif cmd == "partition":
-        faults.partition(topo, args.site_a, args.site_b)
+        faults.partition(topo, args.site_a, args.site_b, replication_only=args.replication)
     elif cmd == "heal":
         if len(args.target) not in (0, 1, 2):
             raise ValueError("heal takes nothing, one host, or two sites")

@@ -28,8 +28,14 @@ def _pair(topo: Topology, a: str, b: str) -> tuple[str, str]:
     return tuple(sorted((a, b)))  # type: ignore[return-value]
 
 
-def _ports(topo: Topology, site: str) -> str:
-    ports = [p for h in topo.hosts_in(site) for p in h.veths]
+REPLICATION_VAR = "tandem_replication_address"
+
+
+def _ports(topo: Topology, site: str, replication_only: bool = False) -> str:
+    ports = [h.veth(n) for h in topo.hosts_in(site) for n in h.nics
+             if not replication_only or n.network.address_var == REPLICATION_VAR]
+    if not ports:
+        raise TopologyError(f"site {site} has no replication network")
     return "{ " + ", ".join(f'"{p}"' for p in ports) + " }"
 
 
@@ -59,17 +65,20 @@ def _comments() -> set[str]:
 
 # -- network faults ----------------------------------------------------------
 
-def partition(topo: Topology, a: str, b: str) -> bool:
-    """Drop every packet between the hosts of two sites (routed and bridged)."""
+def partition(topo: Topology, a: str, b: str, replication_only: bool = False) -> bool:
+    """Drop every packet between the hosts of two sites (routed and bridged), or with
+    `replication_only` only what goes to the other site's replication networks: the data link
+    between the hypervisors, with management and the control plane left up."""
     a, b = _pair(topo, a, b)
+    ports = {site: _ports(topo, site, replication_only) for site in (a, b)}
     _require_table()
-    tag = f"partition {a} {b}"
+    tag = f"partition {a} {b}" + (" replication" if replication_only else "")
     if tag in _comments():
         return False
     marks = render.site_marks(topo)
     for src, dst in ((a, b), (b, a)):
-        _add_rule("postrouting", f"meta mark {marks[src]} oifname {_ports(topo, dst)}", tag)
-    step(f"partitioned site {a} from site {b}")
+        _add_rule("postrouting", f"meta mark {marks[src]} oifname {ports[dst]}", tag)
+    step(f"partitioned site {a} from site {b}" + (" (replication networks only)" if replication_only else ""))
     return True
 
 
@@ -242,7 +251,8 @@ def active(topo: Topology, paths: Paths) -> list[dict]:
     for comment in sorted(_comments()):
         kind, *args = comment.split()
         if kind == "partition":
-            found.append({"fault": "partition", "sites": args})
+            found.append({"fault": "partition", "sites": args[:2],
+                          **({"networks": "replication"} if args[2:] == ["replication"] else {})})
         elif kind == "loss":
             found.append({"fault": "loss", "sites": args[:2], "percent": int(args[2].rstrip("%"))})
         elif kind == "isolate":
@@ -268,7 +278,8 @@ def active(topo: Topology, paths: Paths) -> list[dict]:
 
 def describe(fault: dict) -> str:
     if "sites" in fault:
-        extra = fault.get("rate") or (f"{fault['percent']}%" if "percent" in fault else "")
+        extra = (fault.get("rate") or (f"{fault['percent']}%" if "percent" in fault else "")
+                 or (f"({fault['networks']} networks)" if "networks" in fault else ""))
         return f"{fault['fault']} {' <-> '.join(fault['sites'])} {extra}".strip()
     return f"{fault['fault']} {fault['host']}"
 
