@@ -167,7 +167,8 @@ def convert_problems(root: ET.Element, replicated: list[dict], seed_target: str 
     for n, vol in enumerate(replicated):
         disk = drives.get(vol["target"])
         if disk is None or disk.get("device", "disk") != "disk":
-            problems.append(f"{vol['target']}: replicated disk {n} ({vol['path']}) is not a disk of the domain")
+            problems.append(f"{vol['target']}: replicated disk {n} ({vol['path']}) is not a disk "
+                            "of the domain")
             continue
         got = disk_summary(disk)
         on_volume = got["type"] in ("file", "block") and got.get("path") == vol["path"]

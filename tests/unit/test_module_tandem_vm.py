@@ -243,7 +243,8 @@ def test_new_domain_takes_the_given_uuid(name):
      "interface 1: the domain has only 1 interface(s)"),
     ({"definition": definition(), "file_disks": [{"target": "sdb", "path": "/seed.img"}]},
      "no disk with target 'sdb' (it has ['vda'])"),
-    ({"definition": with_seed_drive(definition()), "nbd_disks": NBD, "file_disks": [{"target": "vda", "path": "/x"}]},
+    ({"definition": with_seed_drive(definition()), "nbd_disks": NBD,
+      "file_disks": [{"target": "vda", "path": "/x"}]},
      "targets vda are in both nbd_disks and file_disks"),
 ])
 def test_bad_input_fails_clearly_and_defines_nothing(name, params, message):
