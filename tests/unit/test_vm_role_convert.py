@@ -87,8 +87,16 @@ def plan(seed_target="vdb"):
     return entry, nics["nics"]
 
 
+class Played:
+    def __init__(self, proc, result):
+        self.proc, self.stdout, self.result = proc, proc.stdout, result
+
+    def __getitem__(self, key):
+        return self.result[key]
+
+
 def play(tmp_path, entry, node_domains, check=False, diff=False, expect_ok=True, **role_vars):
-    """Run one entry point; returns (process, tandem_vm's result or {})."""
+    """Run one entry point: its output, and tandem_vm's result (`[key]`; {} if it did not run)."""
     if not (COLLECTIONS / "ansible_collections" / "tandem" / "dr").exists():
         pytest.fail("run `make collections` first (tandem.dr must resolve to this checkout)")
     node = tmp_path / "node.xml"
@@ -110,24 +118,24 @@ def play(tmp_path, entry, node_domains, check=False, diff=False, expect_ok=True,
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, check=False,
                           cwd=tmp_path)
     assert (proc.returncode == 0) == expect_ok, proc.stdout[-4000:] + proc.stderr[-2000:]
-    return proc, json.loads(result_file.read_text()) if result_file.exists() else {}
+    return Played(proc, json.loads(result_file.read_text()) if result_file.exists() else {})
 
 
 def test_check_convert_lists_a_seed_drive_that_is_not_the_seed_target(tmp_path):
-    vm, _nics = plan(seed_target=None)
+    vm = plan(seed_target=None)[0]
     for check in (False, True):
-        proc, _ = play(tmp_path, "check_convert", [domain(FILE_DISK, "/old/seed.img")], check=check,
-                       expect_ok=False, tandem_vm=vm, tandem_vm_nics=[])
+        proc = play(tmp_path, "check_convert", [domain(FILE_DISK, "/old/seed.img")], check=check,
+                    expect_ok=False, tandem_vm=vm, tandem_vm_nics=[])
         assert "VM conv01 on localhost cannot be converted, nothing was changed" in proc.stdout
         assert "vdb (disk): file /old/seed.img is not replicated" in proc.stdout
         assert "name it `seed_target`" in proc.stdout
-    vm, _nics = plan()
+    vm = plan()[0]
     play(tmp_path, "check_convert", [domain(FILE_DISK, "/old/seed.img")], tandem_vm=vm, tandem_vm_nics=[])
 
 
 def test_check_convert_refuses_a_domain_that_is_not_there(tmp_path):
-    vm, _nics = plan()
-    proc, _ = play(tmp_path, "check_convert", [], expect_ok=False, tandem_vm=vm, tandem_vm_nics=[])
+    vm = plan()[0]
+    proc = play(tmp_path, "check_convert", [], expect_ok=False, tandem_vm=vm, tandem_vm_nics=[])
     assert "no libvirt domain conv01 is defined on this host" in proc.stdout
 
 
@@ -137,7 +145,7 @@ def test_start_at_dr_writes_a_seed_with_the_dr_address_and_a_drill_copy_its_own(
     (tmp_path / "domains").mkdir()
     (tmp_path / "domains" / "conv01.xml").write_text(domain(NBD_DISK, "/old/seed.img"))
     dr_nics = [n["target"] for n in nics]
-    _, r = play(tmp_path, "start", [], tandem_vm=vm, tandem_vm_nics=dr_nics)
+    r = play(tmp_path, "start", [], tandem_vm=vm, tandem_vm_nics=dr_nics)
     seed = tmp_path / "vms" / "conv01" / "seed.img"
     assert r["actions"] == ["define", "start"] and r["domain"]["state"] == "running"
     assert r["domain"]["disks"][1] == {"target": "vdb", "type": "file", "path": str(seed)}
@@ -147,8 +155,8 @@ def test_start_at_dr_writes_a_seed_with_the_dr_address_and_a_drill_copy_its_own(
     config = (tmp_path / "vms" / "conv01" / "seed" / "network-config").read_text()
     assert '["192.168.20.31/24"]' in config and "192.168.10.31" not in config
     # A drill copy: its own seed under its own name, its clone's export; `remove` deletes it.
-    _, r = play(tmp_path, "start", [], tandem_vm=vm, tandem_vm_nics=dr_nics,
-                tandem_vm_domain_name="conv01-d1", tandem_vm_exports=["conv01/disk0@clone-d1"])
+    r = play(tmp_path, "start", [], tandem_vm=vm, tandem_vm_nics=dr_nics,
+             tandem_vm_domain_name="conv01-d1", tandem_vm_exports=["conv01/disk0@clone-d1"])
     drill_seed = tmp_path / "vms" / "conv01-d1" / "seed.img"
     assert r["domain"]["name"] == "conv01-d1" and r["domain"]["disks"][1]["path"] == str(drill_seed)
     assert r["domain"]["disks"][0]["export"] == "conv01/disk0@clone-d1"
@@ -161,8 +169,8 @@ def test_start_at_dr_writes_a_seed_with_the_dr_address_and_a_drill_copy_its_own(
 def test_start_at_production_after_failback_repoints_its_own_domain(tmp_path):
     vm, nics = plan()
     # No kept definition at production: the converted domain is there, shut off at the failover.
-    _, r = play(tmp_path, "start", [domain(NBD_DISK, "/old/seed.img", state="5", bridge="br-a")], diff=True,
-                tandem_vm=vm, tandem_vm_nics=[n["source"] for n in nics])
+    r = play(tmp_path, "start", [domain(NBD_DISK, "/old/seed.img", state="5", bridge="br-a")], diff=True,
+             tandem_vm=vm, tandem_vm_nics=[n["source"] for n in nics])
     seed = tmp_path / "vms" / "conv01" / "seed.img"
     assert r["actions"] == ["define", "start"]
     assert r["diff"]["before"]["disks"][1]["path"] == "/old/seed.img"
@@ -170,6 +178,6 @@ def test_start_at_production_after_failback_repoints_its_own_domain(tmp_path):
     assert '["192.168.10.31/24"]' in (tmp_path / "vms" / "conv01" / "seed" / "network-config").read_text()
     # Check mode changes nothing on the host, and says what it would do.
     shutil.rmtree(tmp_path / "vms")
-    _, r = play(tmp_path, "start", [domain(NBD_DISK, "/old/seed.img", state="5")], check=True,
-                tandem_vm=vm, tandem_vm_nics=[n["source"] for n in nics])
+    r = play(tmp_path, "start", [domain(NBD_DISK, "/old/seed.img", state="5")], check=True,
+             tandem_vm=vm, tandem_vm_nics=[n["source"] for n in nics])
     assert r["actions"] == ["define", "start"] and not (tmp_path / "vms").exists()
