@@ -17,7 +17,7 @@ include mk/docs.mk
 bench bench-faults: engine-deps $(VENV_STAMP)
 test-unit: engine-deps
 
-.PHONY: help test test-lab test-engine test-center engine-deps soak molecule test-guest test-center-lab demo demo-down clean
+.PHONY: help test test-lab test-engine test-center engine-deps soak molecule test-guest test-convert test-center-lab demo demo-down clean
 
 # Real NBD clients and servers the engine tests and benchmarks use; mkfs.xfs for the
 # reflink recovery point tests (an XFS with reflink=1 on a loop device); ping for the
@@ -32,6 +32,7 @@ help:
 	@echo "make test        lint, ansible-test sanity, then unit + engine + center + lab tests (pytest)"
 	@echo "make molecule    the roles' molecule scenarios on the lab (opt-in, ~12 min)"
 	@echo "make test-guest  the lab guest's boot-time figures (opt-in)"
+	@echo "make test-convert  an existing VM converted to tandemd, failed over with re-IP and back (opt-in)"
 	@echo "make test-center-lab  tandem-center deployed behind the VIP, and its failover (opt-in)"
 	@echo "make test-unit   unit tests only (no root, no lab)"
 	@echo "make test-lab    lab tests only (brings the lab up itself)"
@@ -86,5 +87,8 @@ test-center-lab: lab-deps collections
 test-guest: lab-deps collections
 	TANDEM_GUEST_FIGURES=1 PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
 	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_guest.py
+test-convert: lab-deps collections
+	TANDEM_VM_CONVERT=1 PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
+	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_vm_convert.py
 
 clean: toolchain-clean

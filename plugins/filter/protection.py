@@ -19,10 +19,16 @@ SIZE_UNITS = {None: 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40,
               "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40}
 # nics: the VM's network interfaces at production, checked by network_plan (filter/network.py).
 # domain: a VM that Tandem DR defines in libvirt (roles/vm's template input: memory_mib, vcpus,
-# kernel, initrd, cmdline); convert: an existing libvirt domain whose disks are moved onto tandemd.
-VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables", "nics", "domain", "convert"}
+# kernel, initrd, cmdline); convert: an existing libvirt domain whose disks are moved onto tandemd;
+# seed_target: the target dev of a converted VM's NoCloud seed drive, rewritten on each start.
+VM_KEYS = {"name", "production", "dr", "port", "protocol", "disks", "tunables", "nics", "domain", "convert",
+           "seed_target"}
 DISK_KEYS = {"size", "path", "export"}
 DEFAULT_VOLUME_DIR = "/srv/tandem"
+# A libvirt disk target dev: virtio, SCSI/SATA/USB, IDE or Xen names (vda, sdb, hdc, xvdaa ...).
+TARGET_RE = re.compile(r"^(?:vd|sd|hd|xvd)[a-z]{1,3}$")
+# The targets a converted VM's replicated disks keep, in volume order (filter/vms.py's vm_nbd_disks).
+NBD_TARGETS = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
 
 
 def _size(value, where, errors):
@@ -60,6 +66,19 @@ def _address(hostvars, host, port):
     addr = hv.get("tandem_replication_address") or hv.get("ansible_host") or host
     addr = str(addr)
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def _check_seed_target(target, vm, n_volumes, where, errors):
+    """seed_target names a converted VM's own seed drive: not one of its replicated disks."""
+    if not vm.get("convert"):
+        errors.append(f"{where}: seed_target is for a converted VM (convert: true); a VM with domain "
+                      "gets its seed drive from Tandem DR")
+    if not isinstance(target, str) or not TARGET_RE.match(target):
+        errors.append(f"{where}: seed_target must be a disk target dev like sdb, hdc or vdc "
+                      f"(matching {TARGET_RE.pattern}), got {target!r}")
+    elif target in NBD_TARGETS[:n_volumes]:
+        errors.append(f"{where}: seed_target {target} is the target of replicated disk "
+                      f"{NBD_TARGETS.index(target)} (disks are vda, vdb, ... in order)")
 
 
 def protection_plan(group, hostvars, hypervisors, selection=None):
@@ -141,6 +160,9 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
         if vm.get("domain") is not None and vm.get("convert"):
             errors.append(f"{where}: domain (a VM Tandem DR defines) and convert (an existing domain) "
                           "exclude each other")
+        seed_target = vm.get("seed_target")
+        if seed_target is not None:
+            _check_seed_target(seed_target, vm, len(volumes), where, errors)
         if errors:
             continue
         plan.append({
@@ -151,6 +173,7 @@ def protection_plan(group, hostvars, hypervisors, selection=None):
             "nics": list(vm.get("nics") or []),
             **({"domain": dict(vm["domain"])} if isinstance(vm.get("domain"), dict) else {}),
             "convert": bool(vm.get("convert")),
+            **({"seed_target": seed_target} if seed_target is not None else {}),
         })
     selected = _select([vm.get("name") for vm in vms if isinstance(vm, dict)], selection, errors)
     if errors:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from ansible.errors import AnsibleFilterError
 
 from ansible_collections.tandem.dr.plugins.filter.network import generated_mac
-
-TARGETS = [f"vd{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+from ansible_collections.tandem.dr.plugins.filter.protection import NBD_TARGETS as TARGETS
+from ansible_collections.tandem.dr.plugins.module_utils import _domain_xml as dx
 
 
 def _interface(nic, where):
@@ -44,6 +44,30 @@ def vm_nbd_disks(vm, socket_dir="/run/tandem", exports=None):
     names = exports or [v["export"] for v in vm["volumes"]]
     socket = f"{socket_dir}/{vm['name']}.nbd"
     return [{"target": TARGETS[i], "socket": socket, "export": e} for i, e in enumerate(names)]
+
+
+def vm_seed_file_disks(vm, vm_dir="/var/lib/tandem-vms", name=None):
+    """tandem_vm's `file_disks` for a converted VM with a `seed_target`: that drive on the seed
+    image the role writes for the domain `name` (the VM's, or a drill copy's own); else []."""
+    if not vm.get("seed_target"):
+        return []
+    return [{"target": vm["seed_target"], "path": f"{vm_dir}/{name or vm['name']}/seed.img"}]
+
+
+def vm_convert_problems(vm, domain_xml, socket_dir="/run/tandem"):
+    """Why an existing domain (its persistent XML, from tandem_vm_info) cannot be converted in
+    place for `vm`, one line per problem; [] when it can. Each volume's disk (vda, vdb, ...) must
+    be on the volume's path (or already on its tandemd export), and every other drive with a
+    source must be the VM's `seed_target`: anything else would be missing at the DR site."""
+    if not domain_xml:
+        return [f"no libvirt domain {vm['name']} is defined on this host"]
+    try:
+        root = dx.parse(domain_xml)
+    except dx.DomainXMLError as e:
+        raise AnsibleFilterError(f"VM {vm['name']}: its definition: {e}") from None
+    replicated = [{**disk, "path": vol["path"]}
+                  for disk, vol in zip(vm_nbd_disks(vm, socket_dir), vm["volumes"], strict=True)]
+    return dx.convert_problems(root, replicated, vm.get("seed_target"))
 
 
 def vm_center_volumes(vm):
@@ -165,4 +189,5 @@ class FilterModule:
                 "vm_center_volumes": vm_center_volumes, "vm_domain": vm_domain,
                 "vm_seed": vm_seed, "vm_address": vm_address, "vm_run_specs": vm_run_specs,
                 "vm_drill_nics": vm_drill_nics, "vm_drill_exports": vm_drill_exports,
-                "vm_drill_probe_addresses": vm_drill_probe_addresses}
+                "vm_drill_probe_addresses": vm_drill_probe_addresses,
+                "vm_seed_file_disks": vm_seed_file_disks, "vm_convert_problems": vm_convert_problems}

@@ -4,7 +4,8 @@
 #
 # Note: this module_utils is PRIVATE to the tandem.dr collection. It can change at any time.
 """libvirt domain XML, the parts tandem.dr manages: disks served by tandemd over NBD,
-interface sources and MACs, and a marker of the definition we wrote.
+file-backed drives (a converted VM's NoCloud seed), interface sources and MACs, and a marker
+of the definition we wrote.
 
 Pure functions over ElementTree, so they are tested without libvirt. libvirt rewrites the
 XML it is given (defaults, PCI addresses, ...), so idempotence never compares whole XML
@@ -46,6 +47,11 @@ def _disks(root):
     return [d for d in root.iterfind("devices/disk") if d.get("device", "disk") == "disk"]
 
 
+def _drives(root):
+    """Every <disk>, also a cdrom or floppy (a NoCloud seed is often one)."""
+    return list(root.iterfind("devices/disk"))
+
+
 def _target(disk) -> str:
     t = disk.find("target")
     return t.get("dev", "") if t is not None else ""
@@ -54,14 +60,18 @@ def _target(disk) -> str:
 def disk_summary(disk) -> dict:
     src = disk.find("source")
     out = {"target": _target(disk), "type": disk.get("type", "file")}
+    if disk.get("device", "disk") != "disk":
+        out["device"] = disk.get("device")
     if src is None:
         return out
     if out["type"] == "network":
         host = src.find("host")
         out.update(protocol=src.get("protocol"), export=src.get("name"),
                    socket=host.get("socket") if host is not None else None)
+    elif out["type"] == "volume":
+        out["path"] = f"{src.get('pool')}/{src.get('volume')}"
     else:
-        out["path"] = src.get("file") or src.get("dev")
+        out["path"] = src.get("file") or src.get("dev") or src.get("dir")
     return out
 
 
@@ -85,7 +95,7 @@ def summary(root: ET.Element) -> dict:
     return {
         "name": root.findtext("name"),
         "uuid": root.findtext("uuid"),
-        "disks": [disk_summary(d) for d in _disks(root)],
+        "disks": [disk_summary(d) for d in _drives(root)],
         "interfaces": [interface_summary(i) for i in root.iterfind("devices/interface")],
         "definition_sha256": definition_marker(root),
     }
@@ -116,6 +126,65 @@ def serve_disks_over_nbd(root: ET.Element, nbd_disks: list[dict]) -> None:
         driver.set("type", "raw")
         driver.set("cache", "none")
         disk.insert(list(disk).index(driver) + 1, src)
+
+
+def set_file_disks(root: ET.Element, file_disks: list[dict]) -> None:
+    """Point each listed drive (by target dev; a disk, cdrom or floppy) at a file of the given
+    format (raw by default): a converted VM's NoCloud seed, written anew at each site."""
+    by_target = {_target(d): d for d in _drives(root)}
+    for want in file_disks:
+        disk = by_target.get(want["target"])
+        if disk is None:
+            raise DomainXMLError(f"the domain has no disk with target {want['target']!r} "
+                                 f"(it has {sorted(by_target) or 'none'})")
+        disk.set("type", "file")
+        for old in disk.findall("source"):
+            disk.remove(old)
+        driver = disk.find("driver")
+        if driver is None:
+            driver = ET.Element("driver", {"name": "qemu"})
+            disk.insert(0, driver)
+        driver.set("type", want.get("format") or "raw")
+        disk.insert(list(disk).index(driver) + 1, ET.Element("source", {"file": want["path"]}))
+
+
+def _describe(summary: dict) -> str:
+    if summary["type"] == "network":
+        return f"{summary.get('protocol')} {summary.get('export')} on {summary.get('socket')}"
+    return f"{summary['type']} {summary.get('path')}"
+
+
+def convert_problems(root: ET.Element, replicated: list[dict], seed_target: str | None = None) -> list[str]:
+    """Why this domain cannot be converted in place, one line per problem (none: it can).
+
+    replicated: per volume, the target its disk has (vda, vdb, ...) with the volume's `path`
+    and the `socket`/`export` tandemd serves it on. Each must be a disk of the domain on that
+    path (or, once converted, on that export); every other drive with a source must be the
+    `seed_target`: anything else exists only at this site, and the replica could not start.
+    """
+    drives = {_target(d): d for d in _drives(root)}
+    problems = []
+    for n, vol in enumerate(replicated):
+        disk = drives.get(vol["target"])
+        if disk is None or disk.get("device", "disk") != "disk":
+            problems.append(f"{vol['target']}: replicated disk {n} ({vol['path']}) is not a disk "
+                            "of the domain")
+            continue
+        got = disk_summary(disk)
+        on_volume = got["type"] in ("file", "block") and got.get("path") == vol["path"]
+        on_export = got["type"] == "network" and got.get("protocol") == "nbd" and \
+            (got.get("socket"), got.get("export")) == (vol["socket"], vol["export"])
+        if not (on_volume or on_export):
+            problems.append(f"{vol['target']}: its source is {_describe(got)}, not replicated disk {n}'s "
+                            f"path {vol['path']}")
+    if seed_target and seed_target not in drives:
+        problems.append(f"{seed_target}: seed_target is not a drive of the domain (it has {sorted(drives)})")
+    wanted = {vol["target"] for vol in replicated} | {seed_target}
+    for target, disk in drives.items():
+        got = disk_summary(disk)
+        if target not in wanted and disk.find("source") is not None:
+            problems.append(f"{target} ({disk.get('device', 'disk')}): {_describe(got)} is not replicated")
+    return problems
 
 
 def set_interfaces(root: ET.Element, interfaces: list[dict]) -> None:

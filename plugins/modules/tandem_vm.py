@@ -14,7 +14,8 @@ description:
   - With O(definition), defines the domain from that XML; without it, works on the domain's
     current persistent definition (to convert an existing VM).
   - O(nbd_disks) points disks at tandemd exports over its Unix socket (a disk becomes an NBD
-    network disk); O(interfaces) sets interface sources and MACs (network mapping at the DR site).
+    network disk); O(file_disks) points drives at files (a converted VM's NoCloud seed, written
+    at each site); O(interfaces) sets interface sources and MACs (network mapping at the DR site).
   - Idempotent although libvirt rewrites the XML it is given - a domain this module defined
     carries the sha256 of the definition in its C(<metadata>), and changes are detected on that
     and on the disks and interfaces it manages, never on libvirt's own additions.
@@ -32,7 +33,8 @@ attributes:
   diff_mode:
     support: full
     details:
-      - Before and after are the domain's state, definition fingerprint, disks and interfaces.
+      - Before and after are the domain's state, definition fingerprint, drives (disks, cdroms,
+        floppies) and interfaces.
 options:
   name:
     description: Domain name.
@@ -76,6 +78,26 @@ options:
         description: NBD export name (tandemd's default is C(<resource>/<volume number>)).
         type: str
         required: true
+  file_disks:
+    description:
+      - Drives to point at a file, by target dev - a disk, cdrom or floppy. Fails if the
+        definition has no drive with that target. A target may not be in O(nbd_disks) too.
+    type: list
+    elements: dict
+    default: []
+    suboptions:
+      target:
+        description: The drive's target device (V(sdb), V(hdc), V(vdc), ...).
+        type: str
+        required: true
+      path:
+        description: The file the drive is to read (an image on this hypervisor).
+        type: path
+        required: true
+      format:
+        description: The file's format (the driver type).
+        type: str
+        default: raw
   interfaces:
     description:
       - Interface sources and MACs to set, by position or by current MAC (O(interfaces[].match_mac)).
@@ -133,10 +155,12 @@ EXAMPLES = r"""
     restart: true
     state: running
 
-- name: Start the DR copy on the mapped network
+- name: Start the DR copy on the mapped network, with its seed drive (sdb) on this site's seed
   tandem.dr.tandem_vm:
     name: app01
     definition: "{{ saved_definition }}"
+    file_disks:
+      - {target: sdb, path: /var/lib/tandem-vms/app01/seed.img}
     interfaces:
       - {bridge: br-dr-app, mac: "52:54:00:12:34:56"}
     state: running
@@ -218,6 +242,7 @@ def desired_definition(p, current_root):
     else:
         raise dx.DomainXMLError(f"domain {p['name']} does not exist: give its definition")
     dx.serve_disks_over_nbd(root, p["nbd_disks"])
+    dx.set_file_disks(root, p["file_disks"])
     dx.set_interfaces(root, p["interfaces"])
     if p["definition"] is not None:
         digest = dx.mark(root)
@@ -261,6 +286,9 @@ def shutdown(module, dom, result, force_off=None):
 
 def run(module, conn, result):
     p = module.params
+    both = sorted({d["target"] for d in p["nbd_disks"]} & {d["target"] for d in p["file_disks"]})
+    if both:
+        raise dx.DomainXMLError(f"targets {', '.join(both)} are in both nbd_disks and file_disks")
     name, want = p["name"], p["state"]
     dom = _lookup(conn, name)
     state = state_name(dom)
@@ -321,6 +349,10 @@ def main():
                 "target": {"type": "str", "required": True},
                 "socket": {"type": "path", "required": True},
                 "export": {"type": "str", "required": True}}},
+            "file_disks": {"type": "list", "elements": "dict", "default": [], "options": {
+                "target": {"type": "str", "required": True},
+                "path": {"type": "path", "required": True},
+                "format": {"type": "str", "default": "raw"}}},
             "interfaces": {"type": "list", "elements": "dict", "default": [], "options": {
                 "network": {"type": "str"}, "bridge": {"type": "str"}, "vlan": {"type": "int"},
                 "mac": {"type": "str"}, "match_mac": {"type": "str"}},

@@ -189,6 +189,48 @@ def test_converting_a_running_vm_needs_restart_and_then_shuts_down_once(name):
     assert vm(name=name, nbd_disks=nbd(name), state="running", restart=True)["changed"] is False
 
 
+def with_seed_drive(xml: str, device="cdrom", target="sdb", source="/var/lib/libvirt/images/seed.iso") -> str:
+    """The definition with a NoCloud seed drive (a converted VM's, at production)."""
+    drive = (f"<disk type='file' device='{device}'><driver name='qemu' type='raw'/>"
+             f"<source file='{source}'/><target dev='{target}' bus='sata'/><readonly/></disk>")
+    return xml.replace("<interface", drive + "<interface", 1)
+
+
+def test_file_disks_point_a_seed_drive_at_this_sites_seed(name):
+    kept = with_seed_drive(definition())
+    seed = [{"target": "sdb", "path": f"/var/lib/tandem-vms/{name}/seed.img"}]
+    r = vm(name=name, definition=kept, nbd_disks=nbd(name), file_disks=seed, check=True)
+    assert r["actions"] == ["define"] and lv_state(name) is None
+    assert r["domain"]["disks"][1] == {"target": "sdb", "type": "file", "device": "cdrom",
+                                       "path": f"/var/lib/tandem-vms/{name}/seed.img"}
+    r = vm(name=name, definition=kept, nbd_disks=nbd(name), file_disks=seed, state="running")
+    assert r["actions"] == ["define", "start"]
+    assert r["domain"]["disks"][1]["path"] == f"/var/lib/tandem-vms/{name}/seed.img"
+    again = vm(name=name, definition=kept, nbd_disks=nbd(name), file_disks=seed, state="running")
+    assert not again["changed"]
+    # Without a definition (production after a failback): its own domain, compared by its drives.
+    assert not vm(name=name, file_disks=seed, state="running")["changed"]
+    other = [{"target": "sdb", "path": "/elsewhere/seed.img"}]
+    refused = vm(name=name, file_disks=other, state="running", expect_fail=True)
+    assert "is running and its disks would change" in refused["msg"]
+    vm(name=name, state="shutoff")
+    r = vm(name=name, file_disks=other, state="running", diff=True)
+    assert r["actions"] == ["define", "start"]
+    assert r["diff"]["before"]["disks"][1]["path"] == f"/var/lib/tandem-vms/{name}/seed.img"
+    assert r["diff"]["after"]["disks"][1]["path"] == "/elsewhere/seed.img"
+    assert not vm(name=name, file_disks=other, state="running")["changed"]
+
+
+def test_file_disks_turn_a_network_drive_into_a_raw_file_and_the_driver_format_is_set(name):
+    vm(name=name, definition=with_seed_drive(definition(), device="disk", target="vdb"), nbd_disks=nbd(name))
+    r = vm(name=name, file_disks=[{"target": "vda", "path": "/srv/a.qcow2", "format": "qcow2"},
+                                  {"target": "vdb", "path": "/srv/seed.img"}])
+    assert [d["type"] for d in r["domain"]["disks"]] == ["file", "file"]
+    assert [d["path"] for d in r["domain"]["disks"]] == ["/srv/a.qcow2", "/srv/seed.img"]
+    root = dx.parse(run("tandem_vm_info", names=[name], xml=True)["domains"][name]["xml"])
+    assert [d.find("driver").get("type") for d in root.iterfind("devices/disk")] == ["qcow2", "raw"]
+
+
 def test_interfaces_are_mapped_by_mac_with_a_vlan(name):
     vm(name=name, definition=definition(), nbd_disks=nbd(name))
     iface = [{"match_mac": "52:54:00:00:00:01", "bridge": "br-dr", "vlan": 120, "mac": "52:54:00:00:00:99"}]
@@ -229,6 +271,11 @@ def test_new_domain_takes_the_given_uuid(name):
     ({}, "does not exist: give its definition"),
     ({"definition": definition(), "interfaces": [{"bridge": "a"}, {"bridge": "b"}]},
      "interface 1: the domain has only 1 interface(s)"),
+    ({"definition": definition(), "file_disks": [{"target": "sdb", "path": "/seed.img"}]},
+     "no disk with target 'sdb' (it has ['vda'])"),
+    ({"definition": with_seed_drive(definition()), "nbd_disks": NBD,
+      "file_disks": [{"target": "vda", "path": "/x"}]},
+     "targets vda are in both nbd_disks and file_disks"),
 ])
 def test_bad_input_fails_clearly_and_defines_nothing(name, params, message):
     r = vm(name=name, expect_fail=True, **params)

@@ -162,3 +162,21 @@ def test_domain_and_convert():
         plan(vm(domain="big"))
     with pytest.raises(AnsibleFilterError, match="exclude each other"):
         plan(vm(domain={}, convert=True))
+
+
+def test_seed_target_is_for_a_converted_vm_and_a_target_name():
+    (p,) = plan(vm(convert=True, seed_target="sdb"))
+    assert p["seed_target"] == "sdb"
+    (p,) = plan(vm(convert=True))
+    assert "seed_target" not in p
+    with pytest.raises(AnsibleFilterError, match="seed_target is for a converted VM") as info:
+        plan(vm(seed_target="hdc"), vm(name="db01", port=7801, domain={}, seed_target="vdc"))
+    assert "2 problem(s)" in str(info.value)
+    for bad in ("sdb1", "/dev/sdb", "eth0", "", 3, "SDB"):
+        with pytest.raises(AnsibleFilterError, match="seed_target must be a disk target dev"):
+            plan(vm(convert=True, seed_target=bad))
+    # The replicated disks are vda, vdb, ... in order: the seed cannot be one of them.
+    with pytest.raises(AnsibleFilterError, match="seed_target vdb is the target of replicated disk 1"):
+        plan(vm(convert=True, seed_target="vdb", disks=[{"size": "1M"}, {"size": "1M"}]))
+    (p,) = plan(vm(convert=True, seed_target="vdc", disks=[{"size": "1M"}, {"size": "1M"}]))
+    assert p["seed_target"] == "vdc"

@@ -122,3 +122,74 @@ def test_drill_probe_takes_each_dr_gateway_once_for_the_hosts_vms(vm_and_sides):
     twice = {**nics, "app02": nics["app01"] + [{**nics["app01"][0], "gateway": None}]}
     assert vms.vm_drill_probe_addresses(twice, ["app01", "app02"]) == ["192.168.20.1/24"]
     assert vms.vm_drill_probe_addresses(twice, []) == []
+
+
+CONVERTED = {"name": "legacy01", "production": "hv-a1", "dr": "hv-b1", "port": 7831, "convert": True,
+             "seed_target": "sdb", "disks": [{"size": "64MiB", "path": "/srv/vms/legacy01.img"}]}
+
+
+def converted(**over):
+    (vm,) = protection.protection_plan({"name": "g", "vms": [{**CONVERTED, **over}]}, HOSTVARS,
+                                       ["hv-a1", "hv-b1"])
+    return vm
+
+
+def domain_xml(*drives):
+    """A domain with these drives: (device, type, target, source attributes or None)."""
+    out = []
+    for device, kind, target, source in drives:
+        src = "" if source is None else "<source " + " ".join(f"{k}='{v}'" for k, v in source.items()) + "/>"
+        out.append(f"<disk type='{kind}' device='{device}'>{src}<target dev='{target}'/></disk>")
+    return f"<domain type='kvm'><name>legacy01</name><devices>{''.join(out)}</devices></domain>"
+
+
+DATA = ("disk", "file", "vda", {"file": "/srv/vms/legacy01.img"})
+
+
+def test_a_domain_with_its_disk_on_the_volume_and_its_seed_can_be_converted():
+    seed = ("cdrom", "file", "sdb", {"file": "/var/lib/libvirt/images/legacy01-seed.iso"})
+    assert vms.vm_convert_problems(converted(), domain_xml(DATA, seed)) == []
+    # An empty cdrom has no source: nothing to miss at the DR site.
+    assert vms.vm_convert_problems(converted(), domain_xml(DATA, seed, ("cdrom", "file", "hdc", None))) == []
+    # A re-run: the disk is on its tandemd export already.
+    nbd = '<disk type="network" device="disk"><source protocol="nbd" name="legacy01/disk0">' \
+          '<host transport="unix" socket="/run/tandem/legacy01.nbd"/></source><target dev="vda"/></disk>'
+    xml = domain_xml(seed).replace("<devices>", "<devices>" + nbd)
+    assert vms.vm_convert_problems(converted(), xml) == []
+    assert vms.vm_convert_problems(converted(), xml, "/run/other") != []
+
+
+def test_convert_problems_list_each_drive_missing_at_the_dr_site():
+    iso = ("cdrom", "file", "sdb", {"file": "/isos/seed.iso"})
+    extra = ("disk", "block", "vdc", {"dev": "/dev/vg0/scratch"})
+    # Without seed_target its seed drive, and any other drive, is refused.
+    problems = vms.vm_convert_problems(converted(seed_target=None), domain_xml(DATA, iso, extra))
+    assert problems == ["sdb (cdrom): file /isos/seed.iso is not replicated",
+                        "vdc (disk): block /dev/vg0/scratch is not replicated"]
+    # The replicated disk must be on the volume's path: tandemd would serve an empty new file.
+    moved = ("disk", "file", "vda", {"file": "/elsewhere/legacy01.img"})
+    assert vms.vm_convert_problems(converted(), domain_xml(moved, iso)) == [
+        "vda: its source is file /elsewhere/legacy01.img, not replicated disk 0's path /srv/vms/legacy01.img"]
+    assert vms.vm_convert_problems(converted(seed_target="hdc"), domain_xml(DATA, iso)) == [
+        "hdc: seed_target is not a drive of the domain (it has ['sdb', 'vda'])",
+        "sdb (cdrom): file /isos/seed.iso is not replicated"]
+    assert vms.vm_convert_problems(converted(), domain_xml(iso)) == [
+        "vda: replicated disk 0 (/srv/vms/legacy01.img) is not a disk of the domain"]
+    assert vms.vm_convert_problems(converted(), "") == ["no libvirt domain legacy01 is defined on this host"]
+    with pytest.raises(AnsibleFilterError, match="VM legacy01: its definition: not well-formed XML"):
+        vms.vm_convert_problems(converted(), "<domain>")
+
+
+def test_seed_file_disks_point_the_seed_target_at_each_domains_own_seed():
+    assert vms.vm_seed_file_disks(converted(), "/v") == [{"target": "sdb", "path": "/v/legacy01/seed.img"}]
+    # A drill copy reads a seed of its own, under its own name (removed with the copy).
+    assert vms.vm_seed_file_disks(converted(), "/v", "legacy01-d1") == [
+        {"target": "sdb", "path": "/v/legacy01-d1/seed.img"}]
+    assert vms.vm_seed_file_disks(converted(seed_target=None)) == []
+
+
+def test_seed_of_a_converted_vm_needs_no_domain():
+    vm = converted(nics=[{"network": "guests", "ip": "192.168.10.31/24", "mac": "52:54:00:0a:00:31"}])
+    (entry,) = network.network_plan([vm], MAPPING, "failover")
+    seed = vms.vm_seed(vm, [n["target"] for n in entry["nics"]])
+    assert seed["instance_id"] == "legacy01" and seed["nics"][0]["addresses"] == ["192.168.20.31/24"]
