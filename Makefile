@@ -83,7 +83,7 @@ molecule: lab-deps collections
 	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_molecule.py
 test-center-lab: lab-deps collections
 	TANDEM_CENTER_LAB=1 PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
-	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_center.py
+	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_center.py tests/lab/test_center_engines.py
 test-guest: lab-deps collections
 	TANDEM_GUEST_FIGURES=1 PYTHONPATH='$(COLLECTIONS_DIR)' PATH='$(abspath $(VENV_BIN))':"$$PATH" \
 	    '$(VENV_PYTHON)' -m pytest -m lab $(PYTEST_ARGS) tests/lab/test_guest.py

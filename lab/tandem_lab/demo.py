@@ -2,8 +2,9 @@
 progress and a final report (docs/demo.md).
 
 1. the lab is up (make lab-up did it); the lab guest image is built and pushed
-2. the control-plane trio (and tandem-center where its playbook exists), then tandemd
-3. the two lab VMs are protected
+2. the control-plane trio and tandem-center, then tandemd, then the engines are enrolled with
+   the center (it follows them: dashboard, alerts, RP schedules)
+3. the two lab VMs are protected (and registered in the center's catalogue)
 4. a non-intrusive drill
 5. a planned failover, then a failback
 6. site A crashes (hv-a1), and an unplanned failover
@@ -23,9 +24,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +40,9 @@ FILES = ["-e", f"tandem_protection_group_file={LAB / 'protection_group.yml'}",
          "-e", f"tandem_network_mapping_file={LAB / 'network_mapping.yml'}",
          "-e", f"tandem_recovery_plan_file={LAB / 'recovery_plan.yml'}",
          "-e", f"tandem_runs_dir={RUNS}"]
+# tandem-center's URL, token and CA, and the engines' monitor endpoint (inventories/lab/center.yml).
+CENTER = ["-e", f"@{LAB / 'center.yml'}"]
+DASHBOARD = "https://10.202.40.100:8443/"
 INSTALLED = REPO / ".cache" / "demo-collections"
 #: The collections tandem.dr needs (ci/collections.sh); the installed tandem.dr comes first.
 DEPENDENCIES = REPO / ".cache" / "collections"
@@ -133,6 +139,58 @@ def wait_durable(host: str, index: int, timeout: float = 240) -> dict[str, int]:
     sys.exit(1)
 
 
+def center_get(path: str):
+    """GET from tandem-center on the VIP, as the lab's admin (JSON, or the text of /metrics)."""
+    ctx = ssl.create_default_context(cafile=str(LAB / "pki" / "center" / "ca.crt"))
+    token = (LAB / "tandem-secrets" / "center-admin.token").read_text().strip()
+    req = urllib.request.Request(DASHBOARD.rstrip("/") + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+        body = resp.read().decode()
+    return body if path == "/metrics" else json.loads(body)
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def wait_followed(timeout: float = 120) -> None:
+    """Until the center's monitor has reached every enrolled engine (dashboard and alerts live)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = center_get("/metrics")
+            monitored = metric(text, "tandem_engines_monitored")
+            reachable = metric(text, "tandem_engines_reachable")
+            if monitored and reachable == monitored:
+                say(f"tandem-center follows {reachable:.0f} engine(s)")
+                return
+        except OSError as e:
+            last = e
+        time.sleep(2)
+    say(f"tandem-center does not follow the engines yet ({locals().get('last', 'not all reachable')})")
+    sys.exit(1)
+
+
+def center_lines() -> list[str]:
+    """What the center saw of the demo: its alerts, runs and scheduled recovery points."""
+    alerts = center_get("/api/v1/alerts?state=all&limit=1000")
+    runs = center_get("/api/v1/runs?limit=1000")
+    lines = [f"tandem-center: {len(runs)} run(s) recorded "
+             f"({', '.join(sorted({r['kind'] for r in runs}))}); {len(alerts)} alert(s):"]
+    for a in alerts:
+        cleared = f"cleared {a['cleared_at'][11:19]}" if a.get("cleared_at") else a["state"]
+        lines.append(f"  {a['raised_at'][11:19]} {a['severity']:8} {a['kind']}: {a['subject']} ({cleared})")
+    for vm in center_get("/api/v1/vms"):
+        rps = center_get(f"/api/v1/recovery-points?vm_id={vm['id']}&limit=1000")
+        scheduled = sum(1 for rp in rps if rp["name"].startswith("center-"))
+        lines.append(f"  {vm['name']}: {len(rps)} recovery point(s) recorded, "
+                     f"{scheduled} by the center's schedule")
+    return lines
+
+
 def newest(pattern: str) -> dict:
     return json.loads(sorted(RUNS.glob(pattern))[-1].read_text())
 
@@ -147,27 +205,28 @@ def main() -> int:
         install_collection()
     cp = control_plane_secrets()
     playbook("control_plane", "-e", f"@{cp}", what="control-plane trio: PostgreSQL RPO=0, witness, VIP")
-    if (REPO / "playbooks" / "center.yml").exists():
-        # The wheels are fetched once for the checkout, not again for each installed copy.
-        wheels = REPO / ".cache" / "center-wheels"
-        playbook("center", "-e", f"@{cp}", "-e", f"tandem_center_wheel_cache={wheels}",
-                 what="tandem-center on cp-a and cp-b, behind the VIP")
-    playbook("engine", what="tandemd on the hypervisors (TLS, firewall)")
-    playbook("protect", *FILES, what="protect app01 and app02 (initial copy, VMs on tandemd at site A)")
+    # The wheels are fetched once for the checkout, not again for each installed copy.
+    center = ["-e", f"@{cp}", "-e", f"tandem_center_wheel_cache={REPO / '.cache' / 'center-wheels'}", *CENTER]
+    playbook("center", *center, what="tandem-center on cp-a and cp-b, behind the VIP")
+    playbook("engine", *CENTER, what="tandemd on the hypervisors (TLS, firewall, monitor endpoint)")
+    playbook("enrol", *center, what="enrol the hypervisors with tandem-center (it follows the engines)")
+    playbook("protect", *FILES, *CENTER,
+             what="protect app01 and app02 (initial copy, VMs on tandemd at site A, in the catalogue)")
     wait_durable("hv-a1", 0)
-    if (REPO / "playbooks" / "center.yml").exists():
-        say("dashboard: https://10.202.40.100:8443/ (admin token: inventories/lab/tandem-secrets/)")
-    playbook("drill", *FILES, what="non-intrusive drill (clone, isolated network, health, cleanup)")
+    wait_followed()
+    say(f"dashboard: {DASHBOARD} (CA: inventories/lab/pki/center/ca.crt; "
+        "admin token: inventories/lab/tandem-secrets/center-admin.token)")
+    playbook("drill", *FILES, *CENTER, what="non-intrusive drill (clone, isolated network, health, cleanup)")
     before = wait_durable("hv-a1", 0)
-    playbook("failover", *FILES, "-e", "mode=planned", what="planned failover to site B (re-IP)")
+    playbook("failover", *FILES, *CENTER, "-e", "mode=planned", what="planned failover to site B (re-IP)")
     after = wait_durable("hv-b1", 1)
     planned_lost = {vm: max(0, before[vm] - after[vm]) for vm in VMS}
-    playbook("failback", *FILES, what="failback to site A")
+    playbook("failback", *FILES, *CENTER, what="failback to site A")
     wait_durable("hv-a1", 0)
     time.sleep(5)
     acked = wait_durable("hv-a1", 0)
     run([str(LABCTL), "crash", "hv-a1"], "crash site A (hv-a1: kill -9 of the whole host)")
-    playbook("failover", *FILES, "-e", "mode=unplanned", "-e", "tandem_site_lost=true",
+    playbook("failover", *FILES, *CENTER, "-e", "mode=unplanned", "-e", "tandem_site_lost=true",
              what="unplanned failover to site B")
     recovered = wait_durable("hv-b1", 1)
     # The guest goes on from its last durable record: a lower number would be a lost write.
@@ -187,6 +246,10 @@ def main() -> int:
         for vm in report["vms"]:
             lines.append(f"  {vm['name']}: healthy {vm['healthy_seconds']} s after the run started, "
                          f"{vm['ip_before']} -> {vm['ip_after']}")
+    try:
+        lines += center_lines()
+    except OSError as e:
+        lines.append(f"tandem-center: could not be read ({e})")
     lines.append(f"total demo time: {time.monotonic() - T0:.0f} s; reports in {RUNS}; "
                  "`make demo-down` cleans up")
     print("\n".join(lines))
