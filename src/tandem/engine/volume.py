@@ -149,11 +149,22 @@ class Volume:
         self.bytes_read += length
         return data
 
+    def write_inline(self, offset: int, data: bytes, durable: bool = False) -> bool:
+        """Write on the event loop if InlineWrites allows it; False (nothing written) if not.
+
+        The synchronous half of pwrite, for a caller on the write path: no coroutine
+        to create and run when the write needs no thread.
+        """
+        if durable or not INLINE.allowed(len(data)):
+            return False
+        INLINE.run([(self.fd, offset, data)])
+        self.bytes_written += len(data)
+        return True
+
     async def pwrite(self, offset: int, data: bytes, durable: bool = False) -> None:
-        if not durable and INLINE.allowed(len(data)):
-            INLINE.run([(self.fd, offset, data)])
-        else:
-            await run_io(self._pwrite, offset, data, durable)
+        if self.write_inline(offset, data, durable):
+            return
+        await run_io(self._pwrite, offset, data, durable)
         self.bytes_written += len(data)
 
     def _pwrite(self, offset: int, data: bytes, durable: bool) -> None:
