@@ -56,7 +56,7 @@ from .recovery import (
     RecoveryPoints,
 )
 from .rpstore import RPStoreError
-from .volume import INLINE, Volume, run_io, write_batch
+from .volume import APPLY_INLINE_MAX, INLINE, Volume, run_io, write_batch
 from .waiters import wait, wake_all
 from .wire import T
 
@@ -1179,7 +1179,7 @@ class Resource:
             elif vols[m.volume].repl != SYNC_TARGET:
                 raise wire.ProtocolError("RS_DATA outside a resync")
             total += m.length
-        if not INLINE.allowed(total):
+        if not INLINE.allowed(total, APPLY_INLINE_MAX):
             return False
         rps = self.rps
         if rps.manifests and any(rps.needs_preserve(m.volume, m.offset, m.length) for m in msgs):
@@ -1270,7 +1270,7 @@ class Resource:
             writes = [(vols[m.volume].vol.fd, m.offset, m.data) for m in msgs]
             sync = {vols[m.volume].vol.fd for m in msgs if m.type == T.DATA and m.flags & wire.FLAG_FUA}
             try:
-                if not sync and INLINE.allowed(sum(m.length for m in msgs)):
+                if not sync and INLINE.allowed(sum(m.length for m in msgs), APPLY_INLINE_MAX):
                     INLINE.run(writes)
                 else:
                     await run_io(write_batch, writes, sorted(sync))
