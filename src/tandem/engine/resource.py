@@ -391,7 +391,7 @@ class Resource:
             raise
         self.stats["writes"] += 1
         if fut is not None and self.cfg.protocol == "C":
-            try:
+            try:                         # noqa: SIM105 - not a suppress() object per write
                 await fut
             except PeerGone:
                 pass                     # already recorded in the bitmap
