@@ -277,13 +277,19 @@ class Link(asyncio.BufferedProtocol):
             except Exception as exc:     # noqa: BLE001
                 self.fail(exc)
 
-    def send(self, buffers: list) -> None:
+    def send(self, buffers: list, now: bool = False) -> None:
         """Queue for the peer. On a closed link this drops the data: whoever needs
-        to know what did not arrive counts acknowledgements, not sends."""
+        to know what did not arrive counts acknowledgements, not sends.
+
+        now: send it, and whatever is queued before it, at once (see flush_now)
+        rather than at the end of the loop pass, without scheduling that pass's flush.
+        """
         if self.transport is None:
             return
         self._out += buffers
-        if not self._out_scheduled:
+        if now:
+            self._flush()
+        elif not self._out_scheduled:
             self._out_scheduled = True
             self._loop.call_soon(self._flush)
 

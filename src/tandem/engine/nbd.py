@@ -866,8 +866,7 @@ class _Connection(asyncio.BufferedProtocol):
             self.inflight_bytes += length
             task = _start_task(self.loop, self._run(CMD_WRITE, flags, handle, offset, length, data, length))
             if not task.done():
-                self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)        # _run takes it out again as it ends
             return
         self._reply_error(handle, err, CMD_WRITE, offset, length, None)
 
@@ -932,7 +931,6 @@ class _Connection(asyncio.BufferedProtocol):
         task = _start_task(self.loop, self._run(cmd, flags, handle, offset, length, None, cost))
         if not task.done():
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
 
     async def _run(
         self,
@@ -973,6 +971,9 @@ class _Connection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._reply_error(handle, nbd_error(exc), cmd, offset, length, exc)
         finally:
+            # Not a done callback: that would cost every request that waited (a protocol-C
+            # write waits for the peer) one more pass of the event loop.
+            self.tasks.discard(asyncio.current_task(self.loop))  # type: ignore[arg-type]
             self.inflight -= 1
             self.inflight_bytes -= cost
             if self.blocked:

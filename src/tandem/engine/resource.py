@@ -56,7 +56,7 @@ from .recovery import (
     RecoveryPoints,
 )
 from .rpstore import RPStoreError
-from .volume import INLINE, Volume, run_io, write_batch
+from .volume import APPLY_INLINE_MAX, INLINE, Volume, run_io, write_batch
 from .waiters import wait, wake_all
 from .wire import T
 
@@ -353,10 +353,9 @@ class Resource:
                         fut = asyncio.get_running_loop().create_future()
                         self._pending.append((self._seq, fut, number, offset, length, time.monotonic()))
                         self._inflight_bytes += length
-                        self._send(wire.encode_data(number, self._seq, offset, data, fua))
-                        if len(self._pending) == 1:
-                            # A lone write: on the wire before the local write, not after it.
-                            self._link.flush_now()
+                        # A lone write goes on the wire now, before the local write, not after it.
+                        self._send(wire.encode_data(number, self._seq, offset, data, fua),
+                                   now=len(self._pending) == 1)
                         if self._watchdog_handle is None:
                             self._arm_watchdog()
                         fill = self.cfg.tunables.congestion_fill
@@ -375,7 +374,8 @@ class Resource:
                         await self._preserve([(number, offset, length)])
                     self._dirty_since_rp = True
                     try:
-                        await vs.vol.pwrite(offset, data, durable=fua)
+                        if not vs.vol.write_inline(offset, data, fua):
+                            await vs.vol.pwrite(offset, data, durable=fua)
                     except OSError as e:
                         if not await self._free_rp_space(e):
                             raise
@@ -391,8 +391,10 @@ class Resource:
             raise
         self.stats["writes"] += 1
         if fut is not None and self.cfg.protocol == "C":
-            with contextlib.suppress(PeerGone):
-                await fut                # PeerGone: already recorded in the bitmap
+            try:                         # noqa: SIM105 - not a suppress() object per write
+                await fut
+            except PeerGone:
+                pass                     # already recorded in the bitmap
             fut = None
         elif fut is not None:
             await self._drain()          # protocol A: bound what waits in the send buffer
@@ -884,10 +886,10 @@ class Resource:
                 self._set_degraded(kind, reason)
             self._event("disconnected", kind=kind, reason=reason, conn=self.conn)
 
-    def _send(self, buffers: list[bytes]) -> None:
+    def _send(self, buffers: list[bytes], now: bool = False) -> None:
         if self._link is None:
             raise PeerGone()
-        self._link.send(buffers)
+        self._link.send(buffers, now)
 
     def _flush_link(self) -> None:
         if self._link is not None:
@@ -1153,9 +1155,7 @@ class Resource:
             self._flush_link()                # PING_ACKs
             return
         if not self._apply_backlog and self._apply_now(batch):
-            # The acks of everything this receive brought: nothing else can join them.
-            self._flush_link()
-            return
+            return                          # acknowledged and sent
         self._apply_backlog += 1
         self._queued += nbytes
         self._apply_q.put_nowait(batch)
@@ -1179,7 +1179,7 @@ class Resource:
             elif vols[m.volume].repl != SYNC_TARGET:
                 raise wire.ProtocolError("RS_DATA outside a resync")
             total += m.length
-        if not INLINE.allowed(total):
+        if not INLINE.allowed(total, APPLY_INLINE_MAX):
             return False
         rps = self.rps
         if rps.manifests and any(rps.needs_preserve(m.volume, m.offset, m.length) for m in msgs):
@@ -1196,7 +1196,8 @@ class Resource:
         finally:
             for m in msgs:
                 vols[m.volume].vol.al.release(m.offset, m.length)
-        self._applied(msgs)
+        # The acks of everything this receive brought: nothing else can join them.
+        self._applied(msgs, now=True)
         return True
 
     def _acked(self, seq: int) -> None:
@@ -1269,7 +1270,7 @@ class Resource:
             writes = [(vols[m.volume].vol.fd, m.offset, m.data) for m in msgs]
             sync = {vols[m.volume].vol.fd for m in msgs if m.type == T.DATA and m.flags & wire.FLAG_FUA}
             try:
-                if not sync and INLINE.allowed(sum(m.length for m in msgs)):
+                if not sync and INLINE.allowed(sum(m.length for m in msgs), APPLY_INLINE_MAX):
                     INLINE.run(writes)
                 else:
                     await run_io(write_batch, writes, sorted(sync))
@@ -1282,8 +1283,8 @@ class Resource:
                 vols[m.volume].vol.al.release(m.offset, m.length)
         self._applied(msgs)
 
-    def _applied(self, msgs) -> None:
-        """Account for applied writes and acknowledge them."""
+    def _applied(self, msgs, now: bool = False) -> None:
+        """Account for applied writes and acknowledge them (now: send at once, see Link.send)."""
         vols = self.vols
         self._dirty_since_rp = True
         acks = []
@@ -1303,7 +1304,7 @@ class Resource:
                 acks += wire.encode_rs_ack(m.volume, m.offset, m.length)
         if last_seq:
             acks += wire.encode_u64(T.WRITE_ACK, last_seq)   # cumulative: covers the batch
-        self._send(acks)
+        self._send(acks, now)
 
     async def _settle_al(self) -> None:
         """After a flush on the secondary, shrink its AL (at most once a second).
