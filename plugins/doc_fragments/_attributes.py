@@ -37,3 +37,25 @@ attributes:
       - Will return details on what has changed (or possibly needs changing in check_mode),
         when in diff mode.
 """
+
+    # Modules that keep one tandem-center catalogue object: read, plan, check, apply, re-read.
+    CATALOGUE = r"""
+options:
+  state:
+    description:
+      - V(absent) removes the object; the center refuses while other catalogue objects use it.
+    type: str
+    choices: [present, absent]
+    default: present
+attributes:
+  check_mode:
+    support: full
+    details:
+      - The catalogue is read; nothing is changed.
+    description: Can run in check_mode and return changed status prediction without modifying target.
+  diff_mode:
+    support: full
+    description:
+      - Will return details on what has changed (or possibly needs changing in check_mode),
+        when in diff mode.
+"""

@@ -16,15 +16,8 @@ description:
   - Reads the hypervisor, plans, stops in check mode, changes only what differs, then reads it
     again. Needs a token with the admin role (catalogue changes are audited by the center).
 extends_documentation_fragment:
-  - tandem.dr._attributes
+  - tandem.dr._attributes.CATALOGUE
   - tandem.dr._center
-attributes:
-  check_mode:
-    support: full
-    details:
-      - The catalogue is read; nothing is changed.
-  diff_mode:
-    support: full
 options:
   name:
     description:
@@ -44,11 +37,6 @@ options:
         followed.
     type: str
     default: ""
-  state:
-    description: V(absent) removes the hypervisor; the center refuses while VMs use it.
-    type: str
-    choices: [present, absent]
-    default: present
 author:
   - Tandem DR maintainers (!UNKNOWN)
 """

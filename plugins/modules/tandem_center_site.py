@@ -14,15 +14,8 @@ description:
   - Reads the site, plans, stops in check mode, changes only what differs, then reads it again.
     Needs a token with the admin role (catalogue changes are audited by the center).
 extends_documentation_fragment:
-  - tandem.dr._attributes
+  - tandem.dr._attributes.CATALOGUE
   - tandem.dr._center
-attributes:
-  check_mode:
-    support: full
-    details:
-      - The catalogue is read; nothing is changed.
-  diff_mode:
-    support: full
 options:
   name:
     description: The site's name (the inventory's C(tandem_site)).
@@ -32,11 +25,6 @@ options:
     description: Free text shown with the site.
     type: str
     default: ""
-  state:
-    description: V(absent) removes the site; the center refuses while hypervisors or VMs use it.
-    type: str
-    choices: [present, absent]
-    default: present
 author:
   - Tandem DR maintainers (!UNKNOWN)
 """
