@@ -21,7 +21,8 @@ def no_commands(monkeypatch):
 @pytest.mark.parametrize("call, error, message", [
     (lambda: faults.partition(TOPO, "a", "a"), TopologyError, "itself"),
     (lambda: faults.partition(TOPO, "a", "d"), TopologyError, "unknown site 'd'"),
-    (lambda: faults.partition(TOPO, "a", "c", replication_only=True), TopologyError, "site c has no replication"),
+    (lambda: faults.partition(TOPO, "a", "c", replication_only=True), TopologyError,
+     "site c has no replication"),
     (lambda: faults.loss(TOPO, "a", "b", 0), ValueError, "between 1 and 99"),
     (lambda: faults.loss(TOPO, "a", "b", 100), ValueError, "use partition"),
     (lambda: faults.loss(TOPO, "a", "x", 10), TopologyError, "unknown site"),
