@@ -101,6 +101,25 @@ def summary(root: ET.Element) -> dict:
     }
 
 
+def _replace_source(by_target: dict, target: str, kind: str, source: ET.Element, fmt: str) -> ET.Element:
+    """Give the drive with this target dev a new <source> (and type and driver format); its
+    <source> goes right after <driver>, as libvirt writes it. Returns its <driver>."""
+    disk = by_target.get(target)
+    if disk is None:
+        raise DomainXMLError(f"the domain has no disk with target {target!r} "
+                             f"(it has {sorted(by_target) or 'none'})")
+    disk.set("type", kind)
+    for old in disk.findall("source"):
+        disk.remove(old)
+    driver = disk.find("driver")
+    if driver is None:
+        driver = ET.Element("driver", {"name": "qemu"})
+        disk.insert(0, driver)
+    driver.set("type", fmt)
+    disk.insert(list(disk).index(driver) + 1, source)
+    return driver
+
+
 def serve_disks_over_nbd(root: ET.Element, nbd_disks: list[dict]) -> None:
     """Point each listed disk (by target dev) at a tandemd export on a Unix socket.
 
@@ -109,23 +128,9 @@ def serve_disks_over_nbd(root: ET.Element, nbd_disks: list[dict]) -> None:
     """
     by_target = {_target(d): d for d in _disks(root)}
     for want in nbd_disks:
-        disk = by_target.get(want["target"])
-        if disk is None:
-            raise DomainXMLError(f"the domain has no disk with target {want['target']!r} "
-                                 f"(it has {sorted(by_target) or 'none'})")
-        disk.set("type", "network")
-        for old in disk.findall("source"):
-            disk.remove(old)
         src = ET.Element("source", {"protocol": "nbd", "name": want["export"]})
         ET.SubElement(src, "host", {"transport": "unix", "socket": want["socket"]})
-        # <source> goes right after <driver>, as libvirt writes it.
-        driver = disk.find("driver")
-        if driver is None:
-            driver = ET.Element("driver", {"name": "qemu"})
-            disk.insert(0, driver)
-        driver.set("type", "raw")
-        driver.set("cache", "none")
-        disk.insert(list(disk).index(driver) + 1, src)
+        _replace_source(by_target, want["target"], "network", src, "raw").set("cache", "none")
 
 
 def set_file_disks(root: ET.Element, file_disks: list[dict]) -> None:
@@ -133,19 +138,8 @@ def set_file_disks(root: ET.Element, file_disks: list[dict]) -> None:
     format (raw by default): a converted VM's NoCloud seed, written anew at each site."""
     by_target = {_target(d): d for d in _drives(root)}
     for want in file_disks:
-        disk = by_target.get(want["target"])
-        if disk is None:
-            raise DomainXMLError(f"the domain has no disk with target {want['target']!r} "
-                                 f"(it has {sorted(by_target) or 'none'})")
-        disk.set("type", "file")
-        for old in disk.findall("source"):
-            disk.remove(old)
-        driver = disk.find("driver")
-        if driver is None:
-            driver = ET.Element("driver", {"name": "qemu"})
-            disk.insert(0, driver)
-        driver.set("type", want.get("format") or "raw")
-        disk.insert(list(disk).index(driver) + 1, ET.Element("source", {"file": want["path"]}))
+        _replace_source(by_target, want["target"], "file", ET.Element("source", {"file": want["path"]}),
+                        want.get("format") or "raw")
 
 
 def _describe(summary: dict) -> str:
