@@ -112,12 +112,13 @@ def find_named(center, path, name):
     return next((i for i in center.list_all(path) if i["name"] == name), None)
 
 
-def id_of(center, path, kind, name):
-    """The id of the catalogue's `kind` called `name`; ValueError when there is none."""
-    item = find_named(center, path, name)
-    if item is None:
+def id_of(items, kind, name):
+    """The id of the item called `name` among catalogue `items` of one kind; ValueError when
+    there is none."""
+    found = [i["id"] for i in items if i["name"] == name]
+    if not found:
         raise ValueError(f"the catalogue has no {kind} {name!r}")
-    return item["id"]
+    return found[0]
 
 
 def ensure_named(module, path, kind, want_fn):

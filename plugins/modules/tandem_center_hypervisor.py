@@ -90,7 +90,7 @@ def main():
     p = module.params
 
     def want(center):
-        return {"name": p["name"], "site_id": id_of(center, "/sites", "site", p["site"]),
+        return {"name": p["name"], "site_id": id_of(center.list_all("/sites"), "site", p["site"]),
                 "address": p["address"], "engine_url": p["engine_url"] or None}
 
     ensure_named(module, "/hypervisors", "hypervisor", want)

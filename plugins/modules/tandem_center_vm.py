@@ -110,6 +110,8 @@ from ansible_collections.tandem.dr.plugins.module_utils._center import (
     Center,
     CenterError,
     center_argument_spec,
+    find_named,
+    id_of,
 )
 
 VOLUME_SPEC = {
@@ -123,27 +125,20 @@ VOLUME_FIELDS = ("resource", "volume", "target_dev", "size_bytes")
 
 def read(center, name):
     """The VM (with its volumes) or None."""
-    vm = next((v for v in center.list_all("/vms") if v["name"] == name), None)
+    vm = find_named(center, "/vms", name)
     if vm is not None:
         vm["volumes"] = sorted((v for v in center.list_all("/volumes") if v["vm_id"] == vm["id"]),
                                key=lambda v: (v["resource"], v["volume"]))
     return vm
 
 
-def _id(items, kind, name):
-    found = [i["id"] for i in items if i["name"] == name]
-    if not found:
-        raise ValueError(f"the catalogue has no {kind} {name!r}")
-    return found[0]
-
-
 def wanted_vm(center, p):
     sites = center.list_all("/sites")
-    return {"name": p["name"], "production_site_id": _id(sites, "site", p["production_site"]),
-            "dr_site_id": _id(sites, "site", p["dr_site"]),
-            "hypervisor_id": _id(center.list_all("/hypervisors"), "hypervisor", p["hypervisor"])
+    return {"name": p["name"], "production_site_id": id_of(sites, "site", p["production_site"]),
+            "dr_site_id": id_of(sites, "site", p["dr_site"]),
+            "hypervisor_id": id_of(center.list_all("/hypervisors"), "hypervisor", p["hypervisor"])
             if p["hypervisor"] else None,
-            "policy_id": _id(center.list_all("/policies"), "policy", p["policy"])}
+            "policy_id": id_of(center.list_all("/policies"), "policy", p["policy"])}
 
 
 def plan(vm, want, volumes):
