@@ -31,6 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parents[2]
 LAB = REPO / "inventories" / "lab"
 RUNS = LAB / "tandem-runs"
@@ -150,15 +152,15 @@ def center_get(path: str):
 
 
 def metric(text: str, name: str) -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
+    """An unlabelled sample of the center's /metrics (parsed by prometheus-client, a
+    dependency of the venv the demo runs in)."""
+    return next((s.value for family in text_string_to_metric_families(text) for s in family.samples
+                 if s.name == name and not s.labels), None)
 
 
 def wait_followed(timeout: float = 120) -> None:
     """Until the center's monitor has reached every enrolled engine (dashboard and alerts live)."""
-    deadline = time.monotonic() + timeout
+    deadline, last = time.monotonic() + timeout, "not all reachable"
     while time.monotonic() < deadline:
         try:
             text = center_get("/metrics")
@@ -170,7 +172,7 @@ def wait_followed(timeout: float = 120) -> None:
         except OSError as e:
             last = e
         time.sleep(2)
-    say(f"tandem-center does not follow the engines yet ({locals().get('last', 'not all reachable')})")
+    say(f"tandem-center does not follow the engines yet ({last})")
     sys.exit(1)
 
 

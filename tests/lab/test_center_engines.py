@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 from dr_helpers import forget_resources, remove_engine
+from prometheus_client.parser import text_string_to_metric_families
 from test_control_plane_faults import DATA, SECRETS, TRIO, _healthy, _primary, _restore, _up
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,11 +93,13 @@ def _get(path: str):
         return r.text if path == "/metrics" else r.json()
 
 
-def _metric(text: str, name: str, labels: str = "") -> float | None:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or (labels and line.startswith(name + "{") and labels in line):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+def _samples() -> list:
+    """The center's /metrics, parsed by prometheus-client."""
+    return [s for family in text_string_to_metric_families(_get("/metrics")) for s in family.samples]
+
+
+def _metric(name: str) -> float | None:
+    return next((s.value for s in _samples() if s.name == name and not s.labels), None)
 
 
 def _notices(lab) -> list[dict]:
@@ -146,17 +149,14 @@ def enrolled(lab, tmp_path_factory):
 
 
 def _state(vm: str) -> str | None:
-    text = _get("/metrics")
-    for line in text.splitlines():
-        if (line.startswith("tandem_replication_mode{") and f'resource="{vm}"' in line
-                and line.endswith(" 1.0")):
-            return line.split('mode="', 1)[1].split('"', 1)[0]
-    return None
+    """The replication mode a hypervisor reports for the VM's resource (the first found)."""
+    return next((s.labels["mode"] for s in _samples() if s.name == "tandem_replication_mode"
+                 and s.labels.get("resource") == vm and s.value == 1), None)
 
 
 def test_the_center_follows_the_enrolled_engines(enrolled):
-    assert enrolled.wait_for(lambda: _metric(_get("/metrics"), "tandem_engines_reachable") == 2, timeout=120)
-    assert _metric(_get("/metrics"), "tandem_engines_monitored") == 2
+    assert enrolled.wait_for(lambda: _metric("tandem_engines_reachable") == 2, timeout=120)
+    assert _metric("tandem_engines_monitored") == 2
     hvs = {h["name"]: h for h in _get("/api/v1/hypervisors")}
     assert hvs["hv-a1"]["engine_url"] == "tls://10.202.10.11:7789", hvs
     assert hvs["hv-b1"]["engine_url"] == "tls://10.202.20.11:7789", hvs
