@@ -19,7 +19,7 @@ DEFAULT_PATH = Path(__file__).resolve().parent.parent / "topology.toml"
 # "<host>-<nic index>".
 _IFNAME_MAX = 15
 _NAME_RE = re.compile(r"^[a-z][a-z0-9-]*$")
-_REQUIRED_GROUPS = ("hypervisors", "control_plane", "witness")
+_REQUIRED_GROUPS = ("hypervisors", "control_plane")
 
 
 class TopologyError(ValueError):
@@ -133,6 +133,10 @@ def parse(raw: dict) -> Topology:
     missing = [g for g in _REQUIRED_GROUPS if g not in groups]
     if missing:
         raise TopologyError(f"no host in group(s): {', '.join(missing)}")
+    # Ansible warns on every run about a group named like a host, and a pattern then means both.
+    clash = sorted(groups & hosts.keys())
+    if clash:
+        raise TopologyError(f"group(s) named like a host: {', '.join(clash)}")
     vip = _address(raw.get("control_plane_vip"), "control_plane_vip")
     if not any(vip in n.subnet and n.site is None for n in networks.values()):
         raise TopologyError(f"control_plane_vip {vip} is not on a shared network")

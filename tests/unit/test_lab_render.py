@@ -56,7 +56,7 @@ def test_inventory_round_trips_through_yaml_with_the_required_groups():
     parsed = yaml.safe_load(render.to_yaml(inv))
     assert parsed == inv
     children = parsed["all"]["children"]
-    for group in ("site_a", "site_b", "site_c", "hypervisors", "control_plane", "witness"):
+    for group in ("site_a", "site_b", "site_c", "hypervisors", "control_plane"):
         assert group in children
     assert set(children["site_a"]["hosts"]) == {"hv-a1", "cp-a"}
     v = parsed["all"]["vars"]

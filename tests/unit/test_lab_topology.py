@@ -57,7 +57,10 @@ def test_veth_names_fit_the_interface_name_limit():
     (lambda r: r["hosts"]["cp-b"]["nics"][0].update(network="lan-a"), "belongs to site a"),
     (lambda r: r["hosts"]["cp-b"].update(site="x"), "unknown site"),
     (lambda r: r["hosts"]["cp-b"]["nics"][0].update(network="nope"), "unknown network"),
-    (lambda r: r["hosts"]["witness"].update(groups=["control_plane"]), r"no host in group\(s\): witness"),
+    (lambda r: [r["hosts"][h].update(groups=[]) for h in ("hv-a1", "hv-b1")],
+     r"no host in group\(s\): hypervisors"),
+    (lambda r: r["hosts"]["witness"].update(groups=["control_plane", "witness"]),
+     "named like a host: witness"),
     (lambda r: r.update(control_plane_vip="10.202.10.100"), "not on a shared network"),
     (lambda r: r.update(supernet="bogus"), "not an IPv4 network"),
 ])
