@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 # pytest puts tests/center on sys.path
 from cp_harness import PG_AUTOCTL, AutoctlMonitor, Center, cleanup_dir, scratch  # noqa: E402
-from test_monitor import Receiver, sample, wait_for  # noqa: E402
+from test_monitor import Receiver, parse_metrics, sample, wait_for  # noqa: E402
 
 from tests.engine.harness import free_port  # noqa: E402
 
@@ -81,12 +81,7 @@ def cp_state(db) -> dict:
 
 
 def metrics(center) -> dict:
-    from prometheus_client.parser import text_string_to_metric_families
-    out = {}
-    for family in text_string_to_metric_families(center.http.get("/metrics").text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    return parse_metrics(center.http.get("/metrics").text)
 
 
 def test_witness_down_raised_when_the_monitor_dies_and_cleared_when_it_is_back(db, witness, center):

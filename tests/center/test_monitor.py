@@ -63,13 +63,14 @@ def wait_for(predicate, timeout=30, what="condition"):
     raise TimeoutError(f"timed out waiting for {what}; last: {last}")
 
 
+def parse_metrics(text: str) -> dict:
+    """{(name, sorted labels): value} of a /metrics text, parsed by prometheus-client."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def scrape(url: str) -> dict:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
+    return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)
 
 
 def sample(metrics: dict, name: str, **labels) -> float:

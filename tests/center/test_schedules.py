@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# pytest puts tests/center on sys.path
+from test_monitor import scrape  # noqa: E402
 
 from tandem.center.schedules_slots import rp_name, slot_start  # noqa: E402
 from tests.engine.harness import Pair  # noqa: E402
@@ -47,12 +48,6 @@ def wait_for(predicate, timeout=60, what="condition", every=0.1):
             return last
         time.sleep(every)
     raise TimeoutError(f"timed out waiting for {what}; last: {last}")
-
-
-def scrape(url: str) -> dict:
-    text = httpx.get(url + "/metrics", timeout=10).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 class Env:
