@@ -107,18 +107,23 @@ class Center:
             after = page[-1]["id"]
 
 
+def _named(items, name):
+    """The item called `name` among catalogue `items` of one kind, or None."""
+    return next((i for i in items if i["name"] == name), None)
+
+
 def find_named(center, path, name):
     """The catalogue item called `name` at list endpoint `path`, or None."""
-    return next((i for i in center.list_all(path) if i["name"] == name), None)
+    return _named(center.list_all(path), name)
 
 
 def id_of(items, kind, name):
     """The id of the item called `name` among catalogue `items` of one kind; ValueError when
     there is none."""
-    found = [i["id"] for i in items if i["name"] == name]
-    if not found:
+    item = _named(items, name)
+    if item is None:
         raise ValueError(f"the catalogue has no {kind} {name!r}")
-    return found[0]
+    return item["id"]
 
 
 def ensure_named(module, path, kind, want_fn):
