@@ -107,8 +107,8 @@ class Env:
         with self.db.connect() as conn:
             return conn.execute(
                 "SELECT extract(epoch FROM slot_at)::float8, rp_name, state, claimed_by, "
-                "extract(epoch FROM taken_at)::float8, attempts, extract(epoch FROM done_at)::float8 "
-                "FROM schedule_slots "
+                "extract(epoch FROM taken_at)::float8, attempts, extract(epoch FROM done_at)::float8, "
+                "error FROM schedule_slots "
                 "WHERE vm_id = %s AND (%s::text IS NULL OR state = %s) ORDER BY slot_at",
                 (self.vm_id, state, state)).fetchall()
 
@@ -170,9 +170,13 @@ def test_leader_killed_mid_schedule_the_other_continues_without_duplicates_or_ga
     by = {}
     for s in done:
         by.setdefault(s[3], []).append(s)
-    # both instances took RPs; none missed, none left claimed (c2 stopped between slots or finished)
+    # both instances took RPs; none left claimed (c2 stopped between slots or finished)
     assert {pid_of(k) for k in by} == {c1.proc.pid, c2.proc.pid}
-    assert [s for s in slots if s[2] == "missed"] == []
+    # None missed, except one the engine refused because its clock had passed the slot's end
+    # before it could stamp the RP (a request that reached it too late on a busy machine: the
+    # RP would not have been the slot's point in time); never one the failover left behind.
+    late = [s for s in slots if s[2] == "missed"]
+    assert all((s[7] or "").startswith("late:") for s in late) and len(late) <= 1, late
     # no duplicate: one RP per slot on the engine, each named after its slot and taken inside its
     # window; the catalogue records exactly those
     names = [m["id"] for m in engine]
@@ -184,10 +188,13 @@ def test_leader_killed_mid_schedule_the_other_continues_without_duplicates_or_ga
         assert name == rp_name(env.vm_id, slot_at)
         assert slot_at <= created[name] < slot_at + INTERVAL_S, (name, created[name] - slot_at)
     # no slot skipped between the first and the last
-    starts = [s[0] for s in done]
+    starts = sorted(s[0] for s in done + late)
     assert starts == [starts[0] + i * INTERVAL_S for i in range(len(starts))], starts
     times = sorted(created.values())
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    # the bound on each gap: one interval, one more for a late slot inside it, plus the slack
+    bounds = [INTERVAL_S * (1 + sum(a < s[0] < b for s in late)) + SLACK_S
+              for a, b in zip(times, times[1:], strict=False)]
     around_kill = [g for a, g in zip(times, gaps, strict=False) if a <= killed_at < a + g]
     report = {"kill_at_s_into_slot": INTERVAL_S * kill_at,
               "interval_s": INTERVAL_S, "tick_s": TICK_S, "slack_s": SLACK_S, "rps": len(times),
@@ -195,7 +202,7 @@ def test_leader_killed_mid_schedule_the_other_continues_without_duplicates_or_ga
               "takeover_s": round(takeover_s, 3), "largest_gap_s": round(max(gaps), 3),
               "gap_across_kill_s": round(around_kill[0], 3) if around_kill else None,
               "largest_delay_in_slot_s": round(max(created[n] - s for s, n, *_ in done), 3),
-              "duplicates": len(names) - len(set(names)), "missed": 0,
+              "duplicates": len(names) - len(set(names)), "missed_late": len(late),
               "slots_retried": sum(1 for s in done if s[5] > 1),
               "c1_claims_finished_by_c2": sum(1 for s in done if pid_of(s[3]) == c1.proc.pid
                                               and s[6] > killed_at)}
@@ -203,7 +210,38 @@ def test_leader_killed_mid_schedule_the_other_continues_without_duplicates_or_ga
     name = "between-rps" if kill_at > 0.1 else "at-slot-start"
     (OUTPUT / f"schedules_failover_{name}.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
-    assert max(gaps) <= INTERVAL_S + SLACK_S, report
+    assert all(g <= b for g, b in zip(gaps, bounds, strict=True)), report
+
+
+def test_an_rp_the_engine_cannot_stamp_inside_its_slot_is_missed_not_taken_late(env):
+    """The engine is frozen (SIGSTOP) from just before a slot starts until its window has ended,
+    so the leader's rp-create for that slot reaches it too late: the engine refuses it by its
+    own clock (not_after), nothing is taken, the slot is missed with the reason, and the next
+    slot's RP is taken as usual."""
+    c1 = env.center("c1")
+    wait_for(lambda: env.slots("done"), timeout=30, what="a first RP")
+    now = time.time()
+    frozen_slot = slot_start(now, INTERVAL_S) + INTERVAL_S
+    if frozen_slot - now < 0.5:
+        frozen_slot += INTERVAL_S
+    time.sleep(frozen_slot - 0.2 - time.time())
+    os.kill(env.pair.a.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(frozen_slot + INTERVAL_S + 0.3 - time.time())
+    finally:
+        os.kill(env.pair.a.proc.pid, signal.SIGCONT)
+    name = rp_name(env.vm_id, frozen_slot)
+    wait_for(lambda: [s for s in env.slots("done") if s[0] > frozen_slot], timeout=30,
+             what="an RP after the frozen slot")
+    metrics = scrape(c1.url)
+    c1.stop()
+    state = {s[1]: s for s in env.slots()}
+    assert state[name][2] == "missed" and state[name][7].startswith("late:"), state[name]
+    assert "past not_after" in state[name][7]
+    engine = {m["id"] for m in env.engine_rps()}
+    assert name not in engine and name not in env.catalogue_rps()
+    assert engine == {s[1] for s in env.slots("done")}
+    assert metrics[("tandem_schedule_slots_total", (("result", "missed"),))] == 1
 
 
 def test_a_claimed_slot_of_a_dead_leader_is_finished_not_repeated(env):

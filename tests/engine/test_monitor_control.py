@@ -9,6 +9,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 
 import pytest
 
@@ -77,6 +78,27 @@ def test_create_is_idempotent_and_delete_only_takes_unlabelled_center_rps(pair):
     assert list(rp_ids(pair.a)) == [labelled]
 
 
+def test_not_after_refuses_a_late_rp_without_a_write_but_returns_an_existing_one(pair):
+    """The end of a schedule slot's window: a new RP is stamped before it or not taken at all
+    ("late": the center marks the slot missed); an RP that exists is still returned, so a retry
+    after a lost reply finds it whatever the time."""
+    ctx = ctx_for(pair)
+    late = request(pair.a, {"cmd": "rp-create", "resource": "vm1", "id": "center-late",
+                            "not_after": time.time() - 0.001}, ctx)
+    assert late["ok"] is False and late["late"] is True and "past not_after" in late["error"], late
+    assert rp_ids(pair.a) == {}
+
+    deadline = time.time() + 60
+    made = request(pair.a, {"cmd": "rp-create", "resource": "vm1", "id": "center-ok",
+                            "not_after": deadline}, ctx)
+    assert made["ok"] and made["created"] is True and made["recovery_point"]["created"] < deadline
+    again = request(pair.a, {"cmd": "rp-create", "resource": "vm1", "id": "center-ok", "not_after": 1}, ctx)
+    assert again["ok"] and again["created"] is False
+    assert again["recovery_point"]["created"] == made["recovery_point"]["created"]
+    assert list(rp_ids(pair.a)) == ["center-ok"]
+    assert "Traceback" not in pair.a.log.read_text()
+
+
 def test_other_rps_cannot_be_touched(pair):
     """A manual RP has an engine-chosen id outside the center- namespace: neither deletable nor
     shadowed; the engine's own retention never touches center RPs (reason "center")."""
@@ -123,6 +145,13 @@ HOSTILE = [
     {"cmd": "rp-create", "resource": {"x": 1}, "id": "center-a"},
     {"cmd": "rp-create", "id": "center-a"},
     {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "labels": {"a": "b"}},   # unknown key
+    {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "not_after": "9999999999"},
+    {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "not_after": True},
+    {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "not_after": [1]},
+    {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "not_after": float("nan")},
+    {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "not_after": float("inf")},
+    {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "not_after": 10 ** 400},
+    {"cmd": "rp-delete", "resource": "vm1", "id": "center-a", "not_after": 9999999999},
     {"cmd": "rp-create", "resource": "vm1", "id": "center-a", "op": "restore"},
     {"cmd": "rp-delete", "resource": "vm1", "id": "center-does-not-matter", "force": True},
     {"cmd": "rp-list"},

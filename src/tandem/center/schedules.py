@@ -8,8 +8,10 @@ primary + advisory lock) acts. Each tick the leader:
    name (idempotent), after it asks the engine whether that RP exists (done) or not (missed);
 2. for each protected VM whose policy has an RP interval, claims the current slot in the
    catalogue (INSERT .. ON CONFLICT DO NOTHING on (vm, slot), fenced by the lock), then asks
-   the VM's engine for the RP (tandemd's monitor endpoint, control permission, mutual TLS),
-   then marks the slot done and records the RP in recovery_points, in one transaction;
+   the VM's engine for the RP (tandemd's monitor endpoint, control permission, mutual TLS)
+   with the slot's window end as not_after, then marks the slot done and records the RP in
+   recovery_points, in one transaction; an engine that reached not_after before stamping the
+   RP refuses it ("late") and the slot is missed;
 3. applies the policy's retention: the done slots beyond rp_retention per VM are deleted on the
    engine (which refuses labelled ones: those become `kept`), then marked expired.
 
@@ -44,6 +46,10 @@ from .schedules_slots import in_window, next_slot, rp_name, slot_start, to_expir
 log = logging.getLogger("tandem.center.schedules")
 
 ENGINE_ERRORS = (OSError, ssl.SSLError, TimeoutError, ValueError, EngineError)
+
+
+class SlotPassed(EngineError):
+    """The engine refused the RP: by its clock, which stamps RPs, the slot's window had ended."""
 
 
 class EngineControl(Engine):
@@ -229,13 +235,16 @@ class Scheduler:
     def _engine(self, target: Target) -> EngineControl:
         return EngineControl(target.name, target.url, self.ctx, self.cfg.request_timeout)
 
-    async def _create(self, target: Target, resources: tuple[str, ...], name: str) -> float:
-        """The RP of `name` on every resource of the VM; its creation time (of the first)."""
+    async def _create(self, target: Target, resources: tuple[str, ...], name: str, not_after: float) -> float:
+        """The RP of `name` on every resource of the VM; its creation time (of the first).
+        not_after: the slot's window end; SlotPassed if the engine's clock reached it first."""
         taken = []
         for res in resources:
-            reply = await self._engine(target).call({"cmd": "rp-create", "resource": res, "id": name})
+            reply = await self._engine(target).call({"cmd": "rp-create", "resource": res, "id": name,
+                                                     "not_after": not_after})
             if not reply.get("ok"):
-                raise EngineError(f"rp-create {res} {name}: {reply.get('error')}")
+                error = SlotPassed if reply.get("late") is True else EngineError
+                raise error(f"rp-create {res} {name}: {reply.get('error')}")
             taken.append(_created(reply.get("recovery_point"), name))
         return min(taken)
 
@@ -268,11 +277,17 @@ class Scheduler:
         slot_id = await self._claim(v, slot_at)
         if slot_id is None:
             return                      # already claimed: by us before, or by an earlier leader
-        await self._attempt(slot_id, v, v.target, rp_name(v.vm_id, slot_at))
+        await self._attempt(slot_id, v, v.target, rp_name(v.vm_id, slot_at), slot_at + v.interval_s)
 
-    async def _attempt(self, slot_id: int, v: VmSchedule, target: Target, name: str) -> None:
+    async def _attempt(self, slot_id: int, v: VmSchedule, target: Target, name: str,
+                       not_after: float) -> None:
         try:
-            taken_at = await self._create(target, v.resources, name)
+            taken_at = await self._create(target, v.resources, name, not_after)
+        except SlotPassed as e:
+            log.warning("schedules: %s: RP %s on %s missed: %s", v.vm, name, target.name, e)
+            self._retry_at.pop(slot_id, None)
+            await self._failed(slot_id, f"late: {e}", final="missed")
+            return
         except ENGINE_ERRORS as e:
             log.warning("schedules: %s: RP %s on %s failed: %s", v.vm, name, target.name, e)
             await self._failed(slot_id, f"{type(e).__name__}: {e}")
@@ -297,7 +312,7 @@ class Scheduler:
             if target is None:
                 continue
             if in_window(r["slot_at"], r["interval_s"], await self._now()):
-                await self._attempt(r["id"], v, target, r["rp_name"])
+                await self._attempt(r["id"], v, target, r["rp_name"], r["slot_at"] + r["interval_s"])
                 continue
             try:                        # too late to take it: did the engine make it?
                 taken_at = await self._exists(target, v.resources, r["rp_name"])

@@ -15,9 +15,12 @@ With --control-clients CN[,CN...] (off by default) the clients whose certificate
 CN is in that list may also ask for the two things tandem-center's RP schedule needs, and
 nothing else (no role change, no restore, no other RP):
 
-- {"cmd": "rp-create", "resource": NAME, "id": "center-..."}: a crash-consistent RP of every
-  volume with that id, reason "center"; idempotent (an existing center RP of that id is
-  returned with "created": false), so a retried slot never makes a second RP;
+- {"cmd": "rp-create", "resource": NAME, "id": "center-...", "not_after": EPOCH}: a
+  crash-consistent RP of every volume with that id, reason "center"; idempotent (an existing
+  center RP of that id is returned with "created": false), so a retried slot never makes a
+  second RP. With the optional not_after (Unix seconds), a new RP is refused with
+  {"ok": false, "late": true, ...} and nothing written if this node's clock has reached it
+  when the RP would be stamped: a schedule slot's RP is inside its window or not taken;
 - {"cmd": "rp-delete", "resource": NAME, "id": "center-..."}: delete such an RP ("deleted":
   false if it is already gone); refused for an RP of any other reason and for a labelled one.
 
@@ -35,11 +38,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import re
 import socket
 import ssl
 
-from .recovery import RecoveryPointError
+from .recovery import RecoveryPointError, RecoveryPointTooLate
 from .rpstore import RPStoreError
 
 log = logging.getLogger("tandem.engine.monitor")
@@ -52,7 +56,7 @@ EVENT_QUEUE = 10000
 #: Ids the control permission may create or delete: its own namespace, apart from the
 #: engine's time-based ids, within rpstore's RP_ID_RE (at most 81 characters).
 CENTER_RP_ID = re.compile(r"center-[A-Za-z0-9_.:-]{1,74}")
-CONTROL_KEYS = {"cmd", "resource", "id"}
+CONTROL_KEYS = {"cmd", "resource", "id", "not_after"}
 
 
 class MonitorError(ValueError):
@@ -203,6 +207,9 @@ class MonitorServer:
         rp_id = req.get("id")
         if not isinstance(rp_id, str) or not CENTER_RP_ID.fullmatch(rp_id):
             return {"ok": False, "error": f"id must match {CENTER_RP_ID.pattern}"}
+        not_after = req.get("not_after")
+        if not_after is not None and (cmd != "rp-create" or not _epoch(not_after)):
+            return {"ok": False, "error": "not_after must be a finite number of seconds, for rp-create only"}
         try:
             res = self._resource(req)
         except LookupError as e:
@@ -210,7 +217,7 @@ class MonitorServer:
         async with self._control_lock:
             try:
                 if cmd == "rp-create":
-                    manifest, created = await res.rp_create_center(rp_id)
+                    manifest, created = await res.rp_create_center(rp_id, not_after)
                     log.info("control client %s: %s resource=%s id=%s", cn,
                              "created" if created else "already had", res.name, rp_id)
                     return {"ok": True, "recovery_point": manifest, "created": created}
@@ -218,6 +225,10 @@ class MonitorServer:
                 log.info("control client %s: %s resource=%s id=%s", cn,
                          "deleted" if deleted else "nothing to delete", res.name, rp_id)
                 return {"ok": True, "deleted": deleted, "id": rp_id}
+            except RecoveryPointTooLate as e:
+                log.info("control client %s: refused %s resource=%s id=%s: too late", cn, cmd, res.name,
+                         rp_id)
+                return {"ok": False, "late": True, "error": str(e)}
             except (RecoveryPointError, RPStoreError, OSError) as e:
                 return {"ok": False, "error": str(e)}
 
@@ -247,3 +258,14 @@ class MonitorServer:
         writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
         async with asyncio.timeout(WRITE_TIMEOUT):
             await writer.drain()
+
+
+def _epoch(value) -> bool:
+    """A JSON number usable as a time stamp (not a bool, not NaN or infinite, not an integer too
+    large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False

@@ -61,6 +61,11 @@ class RecoveryPointError(Exception):
     """A refused or failed RP operation; the message is for the operator."""
 
 
+class RecoveryPointTooLate(RecoveryPointError):
+    """create(not_after=...) refused: this node's clock had passed not_after when it would have
+    stamped the RP, so nothing was taken (a schedule slot's window had ended)."""
+
+
 @dataclass
 class Manifest:
     id: str
@@ -146,10 +151,17 @@ class RecoveryPoints:
     # -- create / list / delete ---------------------------------------------------------------
 
     def create(self, reason: str, *, role: str, consistent: bool, generations: list[str],
-               labels: dict | None = None, rp_id: str | None = None) -> Manifest:
+               labels: dict | None = None, rp_id: str | None = None,
+               not_after: float | None = None) -> Manifest:
         """Blocking; the caller guarantees no write is in progress on any volume.
-        rp_id: the id the caller chose (it must not exist yet), else one from the time."""
+        rp_id: the id the caller chose (it must not exist yet), else one from the time.
+        not_after: refuse (RecoveryPointTooLate, nothing written) if the RP's own time stamp,
+        taken here, would not be before it; the check and the stamp are the same reading."""
         now = time.time()
+        if not_after is not None and now >= not_after:
+            raise RecoveryPointTooLate(
+                f"recovery point {rp_id!r} not taken: this node's clock ({now:.3f}) is past "
+                f"not_after ({not_after:.3f})")
         if rp_id is None:
             rp_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z-" + reason
         check_rp_id(rp_id)

@@ -614,7 +614,7 @@ class Resource:
         return all(vs.disk != INCONSISTENT for vs in self.vols)
 
     async def _take_rp(self, reason: str, *, quiesced: bool = False, labels: dict | None = None,
-                       rp_id: str | None = None):
+                       rp_id: str | None = None, not_after: float | None = None):
         """Create an RP of every volume at one instant; returns its manifest.
 
         quiesced: the caller already holds writes and the apply path still
@@ -628,19 +628,19 @@ class Resource:
                 self._event("rp-skipped", reason=reason, same_as=last.id)
                 return last
         if quiesced:
-            return await self._create_rp(reason, labels, rp_id)
+            return await self._create_rp(reason, labels, rp_id, not_after)
         if self._apply_running():
             marker = _ApplyPause(asyncio.get_running_loop())
             self._apply_backlog += 1
             self._apply_q.put_nowait([marker])
             await marker.reached
             try:
-                return await self._create_rp(reason, labels, rp_id)
+                return await self._create_rp(reason, labels, rp_id, not_after)
             finally:
                 marker.done.set_result(None)
         await self._pause_io()
         try:
-            return await self._create_rp(reason, labels, rp_id)
+            return await self._create_rp(reason, labels, rp_id, not_after)
         finally:
             self._resume_io()
 
@@ -688,11 +688,13 @@ class Resource:
                 if isinstance(item, _ApplyPause) and not item.reached.done():
                     item.reached.set_result(None)
 
-    async def _create_rp(self, reason: str, labels: dict | None, rp_id: str | None = None):
+    async def _create_rp(self, reason: str, labels: dict | None, rp_id: str | None = None,
+                         not_after: float | None = None):
         t0 = time.monotonic()
         m = await asyncio.to_thread(
             self.rps.create, reason, role=self.role, consistent=self._consistent(),
-            generations=[_gi(vs.vol.md.sb.current_gi) for vs in self.vols], labels=labels, rp_id=rp_id)
+            generations=[_gi(vs.vol.md.sb.current_gi) for vs in self.vols], labels=labels, rp_id=rp_id,
+            not_after=not_after)
         self._dirty_since_rp = False
         self._event("rp-created", id=m.id, reason=reason, consistent=m.consistent,
                     seconds=round(time.monotonic() - t0, 4))
@@ -735,16 +737,19 @@ class Resource:
     async def rp_create(self, labels: dict | None = None) -> dict:
         return (await self._take_rp(MANUAL, labels=labels)).to_dict()
 
-    async def rp_create_center(self, rp_id: str) -> tuple[dict, bool]:
+    async def rp_create_center(self, rp_id: str, not_after: float | None = None) -> tuple[dict, bool]:
         """tandem-center's scheduled RP with the id it chose: (manifest, created). Idempotent: an
         RP of that id that the center made is returned as is (a retry after a lost reply or a
-        leader change), so one slot never makes two RPs. The caller serialises calls."""
+        leader change), so one slot never makes two RPs. The caller serialises calls.
+        not_after (the end of the schedule slot's window): a new RP whose stamp would not be
+        before it is refused (RecoveryPointTooLate), so a slot's RP is inside the slot or not
+        taken, however long the request waited for this node (pausing I/O, a busy loop)."""
         m = self.rps.manifests.get(rp_id)
         if m is not None:
             if m.reason != CENTER:
                 raise RecoveryPointError(f"recovery point {rp_id!r} exists and was not made by the center")
             return m.to_dict(), False
-        return (await self._take_rp(CENTER, rp_id=rp_id)).to_dict(), True
+        return (await self._take_rp(CENTER, rp_id=rp_id, not_after=not_after)).to_dict(), True
 
     async def rp_delete_center(self, rp_id: str) -> bool:
         """Retention of tandem-center's schedule: delete an RP the center made (False: no such
