@@ -29,8 +29,8 @@ START_TASKS = """
   ansible.builtin.shell: |
     echo "{{ __vm.name }} $(date +%s.%N)" >> {{ __spec.log }}
     {% if not __spec.broken %}
-    nohup {{ python }} -m http.server {{ __spec.port }} --bind 127.0.0.1 >/dev/null 2>&1 &
-    echo $! > {{ __spec.pidfile }}
+    nohup {{ python }} -m http.server {{ __spec.port }} --bind 127.0.0.1 --directory {{ __spec.dir }} \
+      >/dev/null 2>&1 &
     {% endif %}
   changed_when: true
 """
@@ -66,7 +66,7 @@ class PlanRun:
         port = free_port()
         self.specs[name] = {"host": "localhost", "health_host": "localhost", "address": "127.0.0.1",
                             "port": port, "broken": broken, "log": str(self.log),
-                            "pidfile": str(self.tmp / f"{name}.pid"), "ip_before": "10.0.0.1"}
+                            "dir": str(self.tmp), "ip_before": "10.0.0.1"}
         return self.specs[name]
 
     def run(self, plan: dict, *extra: str, background: bool = False):
@@ -95,11 +95,18 @@ class PlanRun:
         return json.loads((self.report_dir / "test-run.json").read_text())
 
     def stop_servers(self) -> None:
-        for spec in self.specs.values():
-            pid = Path(spec["pidfile"])
-            if pid.exists():
+        """Every HTTP server this test's runs started, found by the directory they serve: a
+        pid file missed those of a run that was killed mid-start or started a VM again."""
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"http.server" in argv and str(self.tmp).encode() in argv:
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid.read_text()), signal.SIGTERM)
+                    os.kill(int(proc.name), signal.SIGTERM)
 
 
 @pytest.fixture
