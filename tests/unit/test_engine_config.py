@@ -461,6 +461,8 @@ BAD = [
                  "expected a finite number, got nan", id="seconds-nan"),
     pytest.param({"tunables.sync_timeout": float("inf")}, "tunables.sync_timeout",
                  "expected a finite number, got inf", id="seconds-inf"),
+    pytest.param({"tunables.sync_timeout": 10 ** 400}, "tunables.sync_timeout",
+                 "expected a finite number, got 1" + "0" * 39, id="seconds-huge-int"),
     pytest.param({"tunables.sync_timeout": 0.01}, "tunables.sync_timeout",
                  "must be between 0.05 and 60 seconds, got 0.01", id="sync-timeout-low"),
     pytest.param({"tunables.sync_timeout": 61}, "tunables.sync_timeout",

@@ -427,6 +427,17 @@ _TOP_HINTS = {
 }
 
 
+def finite_number(value: Any) -> bool:
+    """A TOML or JSON number usable as a float: not a bool, not NaN or infinite, and not an
+    integer too large for a float (TOML and JSON integers have no bound in Python)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
@@ -519,8 +530,8 @@ class _Checker:
         if isinstance(value, bool) or not isinstance(value, int | float):
             self.error(key, f"expected a number of seconds, got {_describe(value)}")
             return None
-        if not math.isfinite(value):
-            self.error(key, f"expected a finite number, got {value}")
+        if not finite_number(value):
+            self.error(key, f"expected a finite number, got {str(value)[:40]}")
             return None
         return float(value)
 

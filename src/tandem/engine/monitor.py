@@ -38,11 +38,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import re
 import socket
 import ssl
 
+from .config import finite_number
 from .recovery import RecoveryPointError, RecoveryPointTooLate
 from .rpstore import RPStoreError
 
@@ -208,7 +208,7 @@ class MonitorServer:
         if not isinstance(rp_id, str) or not CENTER_RP_ID.fullmatch(rp_id):
             return {"ok": False, "error": f"id must match {CENTER_RP_ID.pattern}"}
         not_after = req.get("not_after")
-        if not_after is not None and (cmd != "rp-create" or not _epoch(not_after)):
+        if not_after is not None and (cmd != "rp-create" or not finite_number(not_after)):
             return {"ok": False, "error": "not_after must be a finite number of seconds, for rp-create only"}
         try:
             res = self._resource(req)
@@ -258,14 +258,3 @@ class MonitorServer:
         writer.write(json.dumps(obj, separators=(",", ":")).encode() + b"\n")
         async with asyncio.timeout(WRITE_TIMEOUT):
             await writer.drain()
-
-
-def _epoch(value) -> bool:
-    """A JSON number usable as a time stamp (not a bool, not NaN or infinite, not an integer too
-    large for a float)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
