@@ -451,8 +451,11 @@ class Target:
             self.ctx.procs.stop(proc)
         ours = {id(p) for p, _ in self.servers}
         self.ctx.procs.procs = [(n, p) for n, p in self.ctx.procs.procs if id(p) not in ours]
-        for img in self.dir.rglob("*.img"):
+        for img in self.backing_files():
             img.unlink()
+
+    def backing_files(self) -> list[Path]:
+        return list(self.dir.rglob("*.img"))
 
     def drop_cache(self) -> None:
         """Drop the page cache of the target's backing files (clean pages only: sync first).
@@ -463,7 +466,7 @@ class Target:
         Which folios a file has depends on what wrote it last (the warm-up, the previous 1 MiB
         run, a resync) and on free memory, so without this every target, and every instance
         of one, pays its own kernel cost per write."""
-        for img in self.dir.rglob("*.img"):
+        for img in self.backing_files():
             fd = os.open(img, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

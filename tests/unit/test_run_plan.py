@@ -95,8 +95,8 @@ class PlanRun:
         return json.loads((self.report_dir / "test-run.json").read_text())
 
     def stop_servers(self) -> None:
-        """Every HTTP server this test's runs started, found by the directory they serve: a
-        pid file missed those of a run that was killed mid-start or started a VM again."""
+        """Every HTTP server this test's runs started, found by the directory they serve (one
+        pid file per VM, as before, left some running: about five per make test)."""
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
